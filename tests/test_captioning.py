@@ -1,0 +1,330 @@
+"""BLIP captioning: tiny random BLIP / BLIP-2 folders saved in a models/blip folder and loaded
+back through the same code as real weights; batching, prompts, caption files and policies."""
+import argparse
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainers import captioning, host
+from trainers.captioning import CaptionError, apply_affixes, caption_folder, caption_images, load_blip
+
+WORDS = ("a photo of the dog cat man woman sitting on beach with red blue house tree car in grass "
+         "standing next to small big green field road").split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _tokenizer():
+    from transformers import BertTokenizer
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    try:
+        return BertTokenizer(vocab=vocab)  # transformers 5
+    except TypeError:  # transformers 4 reads a vocab.txt
+        import tempfile
+        path = os.path.join(tempfile.mkdtemp(), "vocab.txt")
+        with open(path, "w") as f:
+            f.write("\n".join(vocab) + "\n")
+        return BertTokenizer(vocab_file=path)
+
+
+def _image_processor():
+    try:
+        from transformers import BlipImageProcessorPil as cls  # transformers 5 without torchvision
+    except ImportError:
+        from transformers import BlipImageProcessor as cls
+    return cls(size={"height": 32, "width": 32})
+
+
+def _tiny_vision():
+    return dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                image_size=32, patch_size=8, initializer_range=0.02)  # BLIP's default 1e-10 ignores the image
+
+
+def save_tiny_blip(folder):
+    """The blip-image-captioning layout in miniature. Special tokens are banned from the output
+    (a large negative logit bias), so every caption is exactly max_length vocabulary words."""
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+
+    tok = _tokenizer()
+    config = BlipConfig(
+        vision_config=_tiny_vision(), projection_dim=32,
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=4, encoder_hidden_size=32, max_position_embeddings=64,
+                         initializer_range=0.5,  # large enough that the image changes the words
+                         pad_token_id=0, bos_token_id=2, sep_token_id=3, eos_token_id=3))
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[: len(SPECIALS)] = -1e4
+    model.save_pretrained(folder)
+    BlipProcessor(image_processor=_image_processor(), tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_blip2(folder):
+    """BLIP-2 in miniature: vision tower, Q-Former and an OPT decoder."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+
+    processor = Blip2Processor(image_processor=_image_processor(), tokenizer=_tokenizer(), num_query_tokens=4)
+    tok = processor.tokenizer
+    config = Blip2Config(
+        vision_config=_tiny_vision(), num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"),
+        qformer_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                            num_attention_heads=4, encoder_hidden_size=32),
+        text_config=dict(model_type="opt", vocab_size=len(tok), hidden_size=32, ffn_dim=37, num_hidden_layers=1,
+                         num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    torch.manual_seed(0)
+    Blip2ForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    save_tiny_blip(str(root / "blip" / "tiny-blip"))
+    save_tiny_blip2(str(root / "blip" / "tiny-blip2"))
+    return str(root)
+
+
+@pytest.fixture
+def blip_host(models_dir):
+    previous = host._local["models"]
+    host.configure(models_dir=models_dir)
+    yield models_dir
+    captioning.unload()
+    host._local["models"] = previous
+
+
+@pytest.fixture
+def blip(blip_host):
+    return load_blip("tiny-blip", device="cpu")
+
+
+def _photo(seed, size=(48, 40)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _words_ok(caption):
+    return caption and all(w in WORDS for w in caption.split())
+
+
+# ----------------------------------------------------------------------------- loading
+
+def test_models_folder_is_listed_and_loaded_once(blip_host):
+    assert captioning.list_blip_models() == ["tiny-blip", "tiny-blip2"]
+    first = load_blip("tiny-blip", device="cpu")
+    assert first.kind == "blip" and first.dtype == torch.float32 and first.device.type == "cpu"
+    assert first.source == os.path.join(blip_host, "blip", "tiny-blip")
+    assert load_blip("tiny-blip", device="cpu", dtype="auto") is first  # kept between runs
+
+    other = load_blip("tiny-blip", device="cpu", dtype="bf16")  # another key replaces it
+    assert other is not first and other.model.dtype == torch.bfloat16
+    assert first.managed.module is None and list(captioning._cache.values()) == [other]
+    assert captioning.unload() is True and captioning._cache == {}
+    with pytest.raises(CaptionError, match="unloaded"):
+        caption_images(other, [_photo(0)])
+
+
+def test_missing_model_error_names_the_blip_folder(blip_host):
+    folder = os.path.join(blip_host, "blip")
+    for name in ("", "no-such-model", os.path.join(blip_host, "nowhere")):
+        with pytest.raises(CaptionError) as err:
+            load_blip(name, device="cpu")
+        assert folder in str(err.value)
+
+
+def test_hub_id_only_leaves_the_machine_when_typed(blip_host, monkeypatch):
+    import transformers
+
+    calls = []
+
+    def offline(source, **kwargs):
+        calls.append((source, kwargs.get("local_files_only")))
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(CaptionError) as err:
+        load_blip("Salesforce/blip-image-captioning-base", device="cpu")
+    assert os.path.join(blip_host, "blip") in str(err.value)
+    with pytest.raises(CaptionError):
+        load_blip("tiny-blip", device="cpu")
+    assert calls == [("Salesforce/blip-image-captioning-base", False),
+                     (os.path.join(blip_host, "blip", "tiny-blip"), True)]
+
+
+def test_blip2_layout_loads_and_captions(blip_host):
+    captioner = load_blip("tiny-blip2", device="cpu")
+    assert captioner.kind == "blip-2"
+    captions = caption_images(captioner, [_photo(1), _photo(2)], prefix_prompt="a photo of",
+                              num_beams=2, min_length=2, max_length=4)
+    assert len(captions) == 2
+    for c in captions:  # the image tokens and the prompt are not echoed back
+        assert all(w in WORDS for w in c.split()) and 0 < len(c.split()) <= 4
+
+
+# ----------------------------------------------------------------------------- captioning
+
+def test_batched_captions_match_one_by_one(blip):
+    images = [_photo(i) for i in range(5)]
+    seen = []
+    batched = caption_images(blip, images, batch_size=2, max_length=6, progress=lambda d, t: seen.append((d, t)))
+    single = [caption_images(blip, [img], batch_size=1, max_length=6)[0] for img in images]
+    assert batched == single
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+    assert all(_words_ok(c) and len(c.split()) == 6 for c in batched)
+    assert len(set(batched)) > 1  # the captions depend on the image
+
+
+def test_conditional_prompt_is_not_echoed(blip):
+    plain = caption_images(blip, [_photo(3)], max_length=5)[0]
+    prompted = caption_images(blip, [_photo(3)], prefix_prompt="  a photo  of ", max_length=5)[0]
+    assert len(prompted.split()) == 5 and _words_ok(prompted)  # 5 new words, "a photo of" stripped
+    assert prompted != plain  # the prompt conditioned the generation
+
+
+def test_sampling_is_seeded(blip):
+    images = [_photo(4), _photo(5)]
+    a = caption_images(blip, images, do_sample=True, num_beams=1, seed=7, max_length=8)
+    b = caption_images(blip, images, do_sample=True, num_beams=1, seed=7, max_length=8)
+    c = caption_images(blip, images, do_sample=True, num_beams=1, seed=8, max_length=8)
+    assert a == b and a != c
+
+
+def test_max_length_wins_over_min_length(blip):
+    assert len(caption_images(blip, [_photo(0)], min_length=9, max_length=4)[0].split()) == 4
+
+
+def test_cancel_during_generation_stops_it(blip):
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) == 3:  # once before the batch, then per generated token
+            raise host.Interrupted("stop")
+
+    with pytest.raises(host.Interrupted):
+        caption_images(blip, [_photo(0), _photo(1)], max_length=20, check_interrupt=check)
+    assert len(calls) == 3
+
+
+def test_images_from_comfy_tensor():
+    batch = torch.zeros(2, 4, 5, 3)
+    batch[0, 1, 2] = torch.tensor([1.0, 0.5, 0.0])
+    images = captioning.images_from_tensor(batch)
+    assert [im.size for im in images] == [(5, 4), (5, 4)] and images[0].mode == "RGB"
+    assert images[0].getpixel((2, 1)) == (255, 128, 0)
+    grey = captioning.images_from_tensor(torch.full((3, 3, 1), 0.2))
+    assert len(grey) == 1 and grey[0].getpixel((0, 0)) == (51, 51, 51)
+
+
+def test_affixes():
+    assert apply_affixes("a man in a suit", "a photo of sks person", "") == "a photo of sks person, a man in a suit"
+    assert apply_affixes("a man , smiling ", "sks, ", ", studio light") == "sks, a man, smiling, studio light"
+    # already present as a part: not repeated (re-running 'append' keeps one trigger word)
+    assert apply_affixes("sks, a man, studio light", "sks", "Studio  light") == "sks, a man, studio light"
+    assert apply_affixes("sksman on a beach", "sks", "") == "sks, sksman on a beach"
+    assert apply_affixes("", "sks", "") == "sks"
+    assert apply_affixes("a dog") == "a dog"
+
+
+# ----------------------------------------------------------------------------- folders
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    for i, name in enumerate(("a.jpg", "b.png", "c.jpg")):
+        _photo(10 + i, (64, 48)).save(tmp_path / name)
+    (tmp_path / "b.txt").write_text("old caption\n", encoding="utf-8")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (tmp_path / "notes.md").write_text("dataset notes")
+    return tmp_path
+
+
+def _count_generated(monkeypatch):
+    seen = []
+    real = captioning._generate
+
+    def counting(captioner, batch, prompt, kwargs):
+        seen.extend(batch)
+        return real(captioner, batch, prompt, kwargs)
+
+    monkeypatch.setattr(captioning, "_generate", counting)
+    return seen
+
+
+def test_folder_keep_policy_skips_captioned_and_broken(blip, photo_folder, monkeypatch):
+    seen = _count_generated(monkeypatch)
+    report = caption_folder(blip, str(photo_folder), policy="keep", prefix="sks person", max_length=4)
+    assert len(seen) == 2  # a.jpg and c.jpg only: the model never saw b.png
+    assert (photo_folder / "b.txt").read_text() == "old caption\n"
+    for name in ("a", "c"):
+        text = (photo_folder / f"{name}.txt").read_text(encoding="utf-8")
+        assert text.endswith("\n") and text.startswith("sks person, ")
+        assert _words_ok(text[len("sks person, "):].strip())
+    assert not (photo_folder / "broken.txt").exists()
+    skipped = {os.path.basename(p): why for p, why in report.skipped}
+    assert set(skipped) == {"broken.jpg", "notes.md"}
+    assert "damaged" in skipped["broken.jpg"] or "not an image" in skipped["broken.jpg"]
+    assert [os.path.basename(p) for p in report.kept] == ["b.png"]
+    assert sorted(os.path.basename(p) for p in report.written) == ["a.txt", "c.txt"]
+    assert "Captioned 2 image(s)" in report.summary() and "broken.jpg" in report.summary()
+
+
+def test_folder_overwrite_and_append(blip, photo_folder):
+    caption_folder(blip, str(photo_folder), policy="overwrite", suffix="sks", max_length=4)
+    new_b = (photo_folder / "b.txt").read_text().strip()
+    assert "old caption" not in new_b and new_b.endswith(", sks") and len(new_b.split(",")[0].split()) == 4
+
+    report = caption_folder(blip, str(photo_folder), policy="append", suffix="sks", max_length=4)
+    appended = (photo_folder / "b.txt").read_text().strip()
+    caption = new_b[: -len(", sks")]
+    assert appended == f"{caption}, sks, {caption}"  # same image, same caption; the suffix once
+    assert report.captions[str(photo_folder / "b.png")] == appended
+
+
+def test_folder_cancel_leaves_only_complete_files(blip, tmp_path):
+    for i in range(4):
+        _photo(i).save(tmp_path / f"img{i}.png")
+
+    def cancel_after_first(done, total):
+        if done == 1:
+            host.request_interrupt()
+
+    with pytest.raises(host.Interrupted):
+        caption_folder(blip, str(tmp_path), batch_size=1, max_length=4, progress=cancel_after_first)
+    names = sorted(os.listdir(tmp_path))
+    assert [n for n in names if not n.endswith(".png")] == ["img0.txt"]  # no half-written or temp files
+    assert _words_ok((tmp_path / "img0.txt").read_text().strip())
+
+
+def test_same_stem_images_do_not_share_a_caption(blip, tmp_path):
+    _photo(0).save(tmp_path / "x.jpg")
+    _photo(1).save(tmp_path / "x.png")
+    report = caption_folder(blip, str(tmp_path), max_length=3)
+    assert len(report.written) == 1 and [os.path.basename(p) for p, _ in report.skipped] == ["x.png"]
+
+
+def test_missing_folder_and_bad_policy(blip, tmp_path):
+    with pytest.raises(CaptionError, match="does not exist"):
+        caption_folder(blip, str(tmp_path / "nope"))
+    with pytest.raises(CaptionError, match="policy"):
+        caption_folder(blip, str(tmp_path), policy="replace")
+
+
+def test_command_line(blip_host, photo_folder, capsys):
+    parser = argparse.ArgumentParser()
+    captioning.add_caption_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["caption", str(photo_folder), "--model", "tiny-blip", "--device", "cpu",
+                              "--policy", "overwrite", "--prefix", "sks", "--max-length", "3", "--beams", "1"])
+    assert args.func(args) == 0
+    assert "Captioned 3 image(s)" in capsys.readouterr().out
+    assert (photo_folder / "b.txt").read_text().startswith("sks, ")
+
+    args = parser.parse_args(["caption", str(photo_folder), "--model", "missing"])
+    assert args.func(args) == 2
+    assert os.path.join(blip_host, "blip") in capsys.readouterr().err

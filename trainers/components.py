@@ -1,0 +1,31 @@
+"""The loaded pieces of a Stable Diffusion model, whatever file they came from."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# SD1.x training noise schedule (the LDM config); built in code so nothing is fetched.
+SD_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "steps_offset": 1,
+}
+
+
+@dataclass
+class SDComponents:
+    family: str  # "sd1" (later "sdxl")
+    unet: object  # diffusers UNet2DConditionModel
+    vae: object  # diffusers AutoencoderKL
+    text_encoder: object  # transformers CLIPTextModel
+    tokenizer: object  # transformers CLIPTokenizer
+    prediction_type: str = "epsilon"
+    source: str = ""  # the file or folder it was loaded from
+    info: dict = field(default_factory=dict)  # name, hashes, anything for metadata
+
+    def noise_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler(prediction_type=self.prediction_type, **SD_SCHEDULER_CONFIG)

@@ -1,0 +1,122 @@
+"""One run configuration for every entry point: the node, the command line and `accelerate launch`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+METHODS = ("lora",)  # DreamBooth and DreamBooth+LoRA use the same loop; they land with their issue.
+PRESETS = ("attn", "kohya", "locon")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+SCHEDULERS = ("constant", "cosine", "linear")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+CROPS = ("center", "random")
+SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    # What to train, on what, into what.
+    base_model: str = ""  # a name in models/checkpoints (or models/diffusers), or a full path
+    dataset: str = ""  # folder of images with optional .txt captions (or a built dataset folder)
+    output_name: str = "my_lora"  # models/loras/<output_name>.safetensors, never overwritten
+    trigger_word: str = ""
+    method: str = "lora"
+
+    # The network.
+    preset: str = "attn"  # attn: to_q/k/v/out.0; kohya: + proj_in/out and feed-forward; locon: + convs
+    rank: int = 16
+    alpha: float = 16.0
+    train_text_encoder: bool = False
+    save_precision: str = "fp16"  # dtype of the saved file: fp16 (the ecosystem's default), bf16 or fp32
+
+    # Optimisation.
+    steps: int = 800
+    batch_size: int = 1
+    grad_accum: int = 1
+    unet_lr: float = 1e-4
+    text_encoder_lr: float = 5e-5
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 40
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"  # auto: bf16 (or fp16) on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float = 5.0  # 0 turns it off
+    noise_offset: float = 0.0
+    seed: int = 42
+
+    # Data.
+    resolution: int = 512
+    crop: str = "center"
+    flip: bool = False
+    caption_dropout: float = 0.0
+
+    # Bookkeeping.
+    run_name: str = ""  # defaults to output_name
+    save_every: int = 200  # resumable checkpoint every N steps (0: only at the end and on Cancel)
+    keep_checkpoints: int = 3  # older checkpoints of the run are deleted
+    validation_prompt: str = ""
+    validation_every: int = 200  # 0: only at the end
+    validation_steps: int = 20  # sampler steps per validation image
+    validation_seed: int = 1234
+    resume: bool = True  # continue the latest unfinished run of this name, if any
+    log_every: int = 1
+    extra: dict = field(default_factory=dict)  # metadata passed through to the saved file
+
+    def validate(self) -> "TrainConfig":
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(options)}.")
+
+        choice("method", METHODS)
+        choice("preset", PRESETS)
+        choice("optimizer", OPTIMIZERS)
+        choice("lr_scheduler", SCHEDULERS)
+        choice("mixed_precision", PRECISIONS)
+        choice("crop", CROPS)
+        choice("save_precision", SAVE_PRECISIONS)
+        if not self.base_model:
+            raise ConfigError("base_model is empty: pick a checkpoint from models/checkpoints.")
+        if not self.dataset:
+            raise ConfigError("dataset is empty: give the folder holding your training images.")
+        if self.resolution % 8 or self.resolution < 64:
+            lo = max(64, self.resolution // 8 * 8)
+            raise ConfigError(f"resolution {self.resolution} must be a multiple of 8 and at least 64: "
+                              f"use {lo} or {lo + 8}.")
+        for name in ("rank", "steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)}).")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha must be positive (got {self.alpha}); alpha = rank means scale 1.")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"caption_dropout must be in [0, 1) (got {self.caption_dropout}).")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.run_name or self.output_name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str) -> "TrainConfig":
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e

@@ -1,0 +1,272 @@
+"""The one place where the engine touches its host.
+
+Inside ComfyUI this wraps `folder_paths`, `comfy.utils.ProgressBar` and
+`comfy.model_management`; outside it (tests, the command line, `accelerate
+launch`) it falls back to plain folders and no-op progress. Nothing else in
+`trainers/` imports ComfyUI.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+try:  # ComfyUI's top-level modules exist only inside a running ComfyUI.
+    import folder_paths as _fp  # type: ignore
+except Exception:  # pragma: no cover - depends on the host
+    _fp = None
+
+_local = {"models": None, "output": None, "temp": None}
+_interrupt = threading.Event()
+
+# Sub-folders of the models root, by ComfyUI folder name, for the fallback.
+_FALLBACK_SUBDIRS = {"checkpoints": "checkpoints", "loras": "loras", "vae": "vae",
+                     "embeddings": "embeddings", "diffusers": "diffusers", "blip": "blip"}
+MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+class Interrupted(Exception):
+    """Raised at a step boundary when the user asked to stop (outside ComfyUI)."""
+
+
+def in_comfyui() -> bool:
+    return _fp is not None
+
+
+def configure(models_dir: str | None = None, output_dir: str | None = None,
+              temp_dir: str | None = None) -> None:
+    """Set the folders used outside ComfyUI (command line, tests)."""
+    for key, value in (("models", models_dir), ("output", output_dir), ("temp", temp_dir)):
+        if value is not None:
+            _local[key] = os.path.abspath(value)
+
+
+def _fallback_root(kind: str) -> str:
+    if _local[kind]:
+        return _local[kind]
+    comfy = os.environ.get("COMFYUI_DIR")
+    env = os.environ.get(f"PERSONALIZE_{kind.upper()}_DIR")
+    if env:
+        return os.path.abspath(env)
+    if comfy:
+        return os.path.join(os.path.abspath(comfy), kind)
+    return os.path.abspath(kind)
+
+
+def model_dirs(folder: str) -> list[str]:
+    """Every directory the host searches for models of this kind ("checkpoints", "loras", ...)."""
+    if _fp is not None:
+        try:
+            return list(_fp.get_folder_paths(folder))
+        except Exception:
+            pass
+    return [os.path.join(_fallback_root("models"), _FALLBACK_SUBDIRS.get(folder, folder))]
+
+
+def register_model_folder(folder: str, extensions=MODEL_EXTENSIONS) -> None:
+    """Add models/<folder> to ComfyUI's registry (a no-op outside ComfyUI)."""
+    if _fp is None or folder in getattr(_fp, "folder_names_and_paths", {}):
+        return
+    _fp.add_model_folder_path(folder, os.path.join(_fp.models_dir, folder))
+    entry = _fp.folder_names_and_paths.get(folder)
+    if entry is not None:
+        _fp.folder_names_and_paths[folder] = (entry[0], set(extensions))
+
+
+def list_models(folder: str, extensions=MODEL_EXTENSIONS, include_dirs: bool = False,
+                dir_markers=("model_index.json",)) -> list[str]:
+    """Relative names of the model files (and, optionally, model folders) the host knows.
+
+    A model folder is one holding any of `dir_markers` (diffusers: model_index.json;
+    transformers models such as BLIP: config.json); its own files are not listed.
+    """
+    if _fp is not None and not include_dirs:
+        try:
+            return list(_fp.get_filename_list(folder))
+        except Exception:
+            pass
+    names = set()
+    for root in model_dirs(folder):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            rel = os.path.relpath(dirpath, root)
+            if include_dirs and rel != "." and any(m in filenames for m in dir_markers):
+                names.add(rel.replace(os.sep, "/"))
+                dirnames[:] = []
+                continue
+            for f in filenames:
+                if f.lower().endswith(tuple(extensions)):
+                    names.add(os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/"))
+    return sorted(names)
+
+
+def resolve_model(folder: str, name: str) -> str:
+    """Full path of a model named as in a dropdown; a clear error says where to put it."""
+    if os.path.isabs(name) and os.path.exists(name):
+        return name  # the command line may pass a full path
+    for root in model_dirs(folder):
+        path = os.path.join(root, name)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(
+        f"Model '{name}' was not found in the '{folder}' folders: {', '.join(model_dirs(folder))}. "
+        f"Put the file (or diffusers folder) there, or pick one from the dropdown.")
+
+
+def output_dir() -> str:
+    if _fp is not None:
+        return _fp.get_output_directory()
+    return _fallback_root("output")
+
+
+def temp_dir() -> str:
+    if _fp is not None:
+        return _fp.get_temp_directory()
+    return _local["temp"] or os.path.join(output_dir(), "..", "temp")
+
+
+def writable_roots() -> list[str]:
+    """Folders the pack may write into: model folders, output and temp."""
+    roots = [output_dir(), temp_dir()]
+    for folder in ("loras", "checkpoints", "embeddings"):
+        roots += model_dirs(folder)
+    return [os.path.realpath(r) for r in roots]
+
+
+def tokenizer_dir(family: str = "sd1") -> str | None:
+    """A local CLIP tokenizer folder: ComfyUI ships one for SD1.x/SDXL's CLIP-L."""
+    candidates = []
+    comfy_root = None
+    if _fp is not None:
+        comfy_root = os.path.dirname(os.path.abspath(_fp.__file__))
+    elif os.environ.get("COMFYUI_DIR"):
+        comfy_root = os.environ["COMFYUI_DIR"]
+    if comfy_root:
+        candidates.append(os.path.join(comfy_root, "comfy", "sd1_tokenizer"))
+    candidates += [os.path.join(d, "tokenizer") for d in model_dirs("clip")]
+    for path in candidates:
+        if os.path.isfile(os.path.join(path, "vocab.json")):
+            return path
+    return None
+
+
+class Progress:
+    """Step progress: ComfyUI's progress bar (with an optional preview) or a no-op."""
+
+    def __init__(self, total: int, node_id=None):
+        self.total = total
+        self._bar = None
+        try:
+            import comfy.utils  # type: ignore
+            self._bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        except Exception:
+            self._bar = None
+
+    def update(self, value: int, preview=None) -> None:
+        if self._bar is not None:
+            self._bar.update_absolute(value, self.total, ("JPEG", preview, 512) if preview is not None else None)
+
+
+def request_interrupt() -> None:
+    """Ask a running job to stop at its next step (used outside ComfyUI and by tests)."""
+    _interrupt.set()
+
+
+def check_interrupt() -> None:
+    """Raise the host's interrupt exception if the user pressed Cancel."""
+    if _interrupt.is_set():
+        _interrupt.clear()
+        raise Interrupted("stopped by request")
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except Exception:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+        return True
+    return type(exc).__name__ == "InterruptProcessingException"
+
+
+def free_memory() -> None:
+    """Unload what ComfyUI holds so a training run does not keep two copies in memory."""
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except Exception:
+        return
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+
+
+def torch_device():
+    """The device to compute on: ComfyUI's choice inside it, else CUDA or MPS when present."""
+    import torch
+
+    try:
+        import comfy.model_management as mm  # type: ignore
+        return mm.get_torch_device()
+    except Exception:
+        pass
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class ManagedModule:
+    """A torch module kept loaded between runs that ComfyUI may offload when others need the memory.
+
+    Inside ComfyUI a GPU module is registered with comfy.model_management through a
+    ModelPatcher: `use()` asks ComfyUI to load it fully (unloading other models if the
+    room is short), and ComfyUI moves it to its offload device (system RAM) when a
+    later model needs the VRAM; the next `use()` brings it back. Outside ComfyUI, or
+    on the CPU, `use()` simply puts the module on its device.
+    """
+
+    def __init__(self, module, device):
+        import torch
+
+        self.module = module
+        self.device = torch.device(device)
+        self._patcher = None
+        if self.device.type == "cpu":
+            return
+        try:
+            import comfy.model_management as mm  # type: ignore
+            import comfy.model_patcher  # type: ignore
+        except Exception:
+            return
+        # ModelPatcher assigns `.device`, which transformers models expose read-only: wrap.
+        holder = torch.nn.Module()
+        holder.inner = module
+        self._patcher = comfy.model_patcher.ModelPatcher(
+            holder, load_device=self.device, offload_device=mm.unet_offload_device())
+
+    def use(self):
+        """The module, with its weights on its device (call before each run)."""
+        if self._patcher is not None:
+            import comfy.model_management as mm  # type: ignore
+            mm.load_models_gpu([self._patcher], force_full_load=True)
+        else:
+            self.module.to(self.device)
+        return self.module
+
+    def release(self) -> None:
+        """Drop the module; ComfyUI forgets it and the device memory is returned."""
+        import gc
+
+        import torch
+
+        if self._patcher is not None:
+            import comfy.model_management as mm  # type: ignore
+            for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+                if mm.current_loaded_models[i].model is self._patcher:
+                    mm.current_loaded_models.pop(i).model_unload()
+            self._patcher = None
+        self.module = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,54 @@
+"""Training methods: what becomes trainable and what gets saved. The loop is shared."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import host, lora_network, safe_io
+from .lora_metadata import lora_metadata
+
+
+class LoraMethod:
+    """LoRA on the UNet (and optionally the text encoder), saved as a kohya-format file in models/loras."""
+
+    name = "lora"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.cfg.train_text_encoder
+
+    def setup(self, comps) -> list[dict]:
+        """Attach the adapters; returns optimizer parameter groups with their learning rates."""
+        cfg = self.cfg
+        comps.text_encoder.requires_grad_(False)
+        comps.vae.requires_grad_(False)
+        targets = lora_network.unet_targets(comps.unet, cfg.preset)
+        groups = [{"params": lora_network.attach(comps.unet, targets, cfg.rank, cfg.alpha), "lr": cfg.unet_lr}]
+        if cfg.train_text_encoder:
+            te_targets = lora_network.text_encoder_targets(comps.text_encoder)
+            groups.append({"params": lora_network.attach(comps.text_encoder, te_targets, cfg.rank, cfg.alpha),
+                           "lr": cfg.text_encoder_lr})
+        return groups
+
+    def export(self, comps, family, *, captions, dataset_dir, steps, started) -> str:
+        cfg = self.cfg
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_precision]
+        tensors = lora_network.kohya_state_dict(comps.unet, comps.text_encoder if cfg.train_text_encoder else None,
+                                                dtype=dtype)
+        meta = lora_metadata(cfg, family, comps.info, captions, dataset_dir, steps, started, tensors)
+        folder = host.model_dirs("loras")[0]
+        os.makedirs(folder, exist_ok=True)
+        path = safe_io.unique_path(folder, safe_io.sanitize_name(cfg.output_name, "lora"), ".safetensors")
+        safe_io.ensure_inside(path, host.writable_roots())
+        return safe_io.save_safetensors(tensors, path, meta)
+
+
+METHODS = {"lora": LoraMethod}
+
+
+def get_method(cfg):
+    return METHODS[cfg.method](cfg)

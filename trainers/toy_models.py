@@ -1,0 +1,125 @@
+"""Small random Stable Diffusion models built in code: for tests, the demo and benchmarks.
+
+They have the real SD1.x layout (so every key map, loader and LoRA name is exercised)
+at a size that trains on a CPU in seconds. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .components import SD_SCHEDULER_CONFIG, SDComponents
+
+# Byte-level BPE alphabet of CLIP's tokenizer (the GPT-2 byte encoder).
+def _byte_alphabet() -> list[str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_toy_tokenizer(directory: str) -> str:
+    """A CLIP tokenizer with single-character tokens only (no merges): a valid, tiny vocab."""
+    os.makedirs(directory, exist_ok=True)
+    chars = _byte_alphabet()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, f)
+    return directory
+
+
+SIZES = {
+    # Seconds to train on a CPU; the real SD1.x block structure (2 levels).
+    "tiny": dict(unet=dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                           attention_head_dim=8, norm_num_groups=8),
+                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+                 vae=dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8)),
+    # The benchmark's "mini SD1.5": SD1.5 widths on two levels, the full CLIP-L text encoder and SD VAE.
+    "mini": dict(unet=dict(block_out_channels=(320, 640), layers_per_block=1, cross_attention_dim=768,
+                           attention_head_dim=8, norm_num_groups=32),
+                 text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+                 vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)),
+    # The smallest model ComfyUI's CheckpointLoaderSimple accepts as SD1.5: it requires 320 UNet channels,
+    # 768-wide cross-attention, the real CLIP-L text encoder (49408 tokens) and the SD VAE.
+    "comfy": dict(unet=dict(block_out_channels=(320,), layers_per_block=1, cross_attention_dim=768,
+                            attention_head_dim=8, norm_num_groups=32,
+                            down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",)),
+                  text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            vocab_size=49408),
+                  vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)),
+}
+_TWO_LEVELS = dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def build_sd1(size: str = "tiny", seed: int = 0, tokenizer_dir: str | None = None) -> SDComponents:
+    """Random SD1.x-layout components. tokenizer_dir: where to write (or find) the toy tokenizer."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    spec = SIZES[size]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, **{**_TWO_LEVELS, **spec["unet"]})
+    nvae = len(spec["vae"]["block_out_channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+                        down_block_types=("DownEncoderBlock2D",) * nvae,
+                        up_block_types=("UpDecoderBlock2D",) * nvae, **spec["vae"])
+    tokenizer_dir = tokenizer_dir or tempfile.mkdtemp(prefix="toy_tokenizer_")
+    if not os.path.isfile(os.path.join(tokenizer_dir, "vocab.json")):
+        write_toy_tokenizer(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{"vocab_size": len(tokenizer), **spec["text"]}, max_position_embeddings=77, projection_dim=spec["text"]["hidden_size"],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="quick_gelu"))
+    return SDComponents(family="sd1", unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        source=f"toy-sd1-{size}", info={"name": f"toy-sd1-{size}"})
+
+
+def save_single_file(components: SDComponents, path: str) -> str:
+    """An LDM-layout single-file checkpoint (what CheckpointLoaderSimple reads), written atomically.
+
+    The metadata carries the config values the weights cannot show (GroupNorm groups, heads),
+    so our loader rebuilds these small models exactly.
+    """
+    from .ldm_keys import config_hints, diffusers_to_ldm
+    from .safe_io import save_safetensors
+
+    return save_safetensors(diffusers_to_ldm(components), path, metadata=config_hints(components))
+
+
+def save_diffusers_folder(components: SDComponents, directory: str) -> str:
+    """A diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/ and model_index.json."""
+    import diffusers
+
+    from .safe_io import write_json
+
+    os.makedirs(directory, exist_ok=True)
+    components.unet.save_pretrained(os.path.join(directory, "unet"))
+    components.vae.save_pretrained(os.path.join(directory, "vae"))
+    components.text_encoder.save_pretrained(os.path.join(directory, "text_encoder"))
+    components.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+    scheduler = diffusers.DDPMScheduler.from_config(  # from_config drops DDIM-only keys
+        {**SD_SCHEDULER_CONFIG, "prediction_type": components.prediction_type})
+    scheduler.save_pretrained(os.path.join(directory, "scheduler"))
+    write_json(os.path.join(directory, "model_index.json"), {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False})
+    return directory

@@ -1,0 +1,319 @@
+"""The training loop: one loop for every method (LoRA now; DreamBooth variants plug in as methods).
+
+Runs the same in a ComfyUI node, from the command line and under `accelerate launch`
+on several processes: accelerate owns devices, mixed precision and gradient sync.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import dataset, host, train_state
+from .config import TrainConfig
+from .families import get_family
+from .methods import get_method
+from .plots import loss_curve
+from .run_dir import RunDir, find_resumable, new_run
+
+log = logging.getLogger("personalize")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    lora_path: str
+    run_dir: str
+    steps: int
+    log: list = field(default_factory=list)  # [{"step", "loss", "lr"}...]
+    validation_image: object = None  # PIL image of the last validation, if any
+
+    def loss_image(self):
+        return loss_curve([r["step"] for r in self.log], [r["loss"] for r in self.log])
+
+
+def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
+    """Train per `cfg`. `components` skips loading (tests, the demo); `progress(step, total, loss)` is optional."""
+    cfg.validate()
+    accelerator = _make_accelerator(cfg)
+    device = accelerator.device
+    run, resume_from = _open_run(cfg, accelerator)
+    if resume_from:
+        cfg = TrainConfig.from_dict({**run.read_config(), "steps": cfg.steps, "resume": True})
+    _log_main(accelerator, "run %s on %s (%d process(es))%s", run.path, device, accelerator.num_processes,
+              f", resuming from {resume_from}" if resume_from else "")
+
+    host.free_memory()
+    comps = components or _load_base(cfg)
+    family = get_family(comps.family)
+    method = get_method(cfg)
+    items = dataset.scan_folder(cfg.dataset, trigger_word=cfg.trigger_word)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # Encode every image once: the loop never runs the VAE.
+    latents = dataset.LatentCache.build(items, comps.vae.to(device), cfg.resolution,
+                                        crop=cfg.crop, flip=cfg.flip, device=device)
+    comps.vae.to("cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # the same seed gives the same initial adapter weights
+        groups = method.setup(comps)
+    captions = None
+    if not method.trains_text_encoder:  # frozen text encoder: encode every caption once
+        comps.text_encoder.to(device)
+        with torch.no_grad():
+            captions = dataset.CaptionCache.build(
+                [it.caption for it in items],
+                lambda texts: family.encode(comps, family.tokenize(comps, texts)).float().cpu())
+        comps.text_encoder.to("cpu")
+    _to_training_dtype(comps, method, weight_dtype, device)
+    if cfg.gradient_checkpointing:
+        comps.unet.enable_gradient_checkpointing()
+        if method.trains_text_encoder:
+            comps.text_encoder.gradient_checkpointing_enable()
+
+    trainable = [p for g in groups for p in g["params"]]
+    from .optim import make_optimizer, make_scheduler
+
+    optimizer = make_optimizer(cfg.optimizer, groups, cfg.weight_decay, device)
+    scheduler = make_scheduler(cfg.lr_scheduler, optimizer, cfg.warmup_steps, cfg.steps)
+    models = [comps.unet] + ([comps.text_encoder] if method.trains_text_encoder else [])
+    prepared = accelerator.prepare(*models, optimizer)
+    unet, optimizer = prepared[0], prepared[-1]
+    text_encoder = prepared[1] if method.trains_text_encoder else comps.text_encoder
+
+    start_step = 0
+    if resume_from:
+        start_step = _restore(resume_from, comps, optimizer, scheduler)
+        if accelerator.is_main_process:
+            run.truncate_log(start_step)
+    elif accelerator.is_main_process:
+        run.write_config(cfg.to_dict())
+
+    noise_scheduler = comps.noise_scheduler()
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    history = run.read_log() if accelerator.is_main_process else []
+    bar = host.Progress(cfg.steps)
+    validation_image = None
+    started = time.time()
+    step = start_step
+    unet.train()
+    if method.trains_text_encoder:
+        text_encoder.train()
+
+    def save_checkpoint(at_step):
+        if accelerator.is_main_process and not os.path.exists(run.checkpoint_path(at_step)):
+            train_state.save(run.checkpoint_path(at_step), trainable=_trainable_state(comps),
+                             optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
+                             step=at_step)
+            run.prune_checkpoints(cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    try:
+        while step < cfg.steps:
+            t0 = time.time()
+            loss_value = 0.0
+            for micro in range(cfg.grad_accum):
+                gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, micro, accelerator.process_index))
+                indices = _process_batch(len(items), cfg, step * cfg.grad_accum + micro, accelerator)
+                batch_latents = torch.stack([latents.sample(i, gen) for i in indices]).to(device, weight_dtype)
+                texts = [items[i].caption if torch.rand(1, generator=gen).item() >= cfg.caption_dropout else ""
+                         for i in indices]
+                if captions is not None:
+                    cond = captions.get(texts).to(device, weight_dtype)
+                else:
+                    cond = family.encode(comps, family.tokenize(comps, texts).to(device))
+                sync = micro == cfg.grad_accum - 1
+                with accelerator.no_sync(unet) if not sync and accelerator.num_processes > 1 else nullcontext():
+                    loss = _diffusion_loss(cfg, unet, family, noise_scheduler, alphas_cumprod,
+                                           batch_latents, cond, gen, device)
+                    accelerator.backward(loss / cfg.grad_accum)
+                loss_value += loss.detach().float() / cfg.grad_accum
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            loss_value = accelerator.reduce(loss_value.to(device), reduction="mean").item()
+            if not math.isfinite(loss_value):
+                last = run.latest_checkpoint()
+                raise TrainingError(
+                    f"The loss became {loss_value} at step {step}; training stopped and nothing was saved from this "
+                    f"step. Last good checkpoint: {last or 'none'}. Lower the learning rate, or use bf16 or fp32 "
+                    f"instead of fp16.")
+            record = {"step": step, "loss": loss_value, "lr": lr,
+                      "time": round(time.time() - t0, 4)}
+            if accelerator.is_main_process:
+                history.append(record)
+                run.append_log(record)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                save_checkpoint(step)
+            if cfg.validation_prompt and cfg.validation_every and step % cfg.validation_every == 0 \
+                    and step < cfg.steps:
+                validation_image = _validate(cfg, comps, accelerator, unet, run, step, device)
+            if progress is not None:
+                progress(step, cfg.steps, loss_value)
+            bar.update(step, loss_curve([r["step"] for r in history], [r["loss"] for r in history], 256, 128)
+                       if host.in_comfyui() else None)
+            host.check_interrupt()  # Cancel: raises here, after a finished step
+    except BaseException as exc:
+        if host.is_interrupt(exc) and step > start_step:
+            save_checkpoint(step)
+            _log_main(accelerator, "stopped at step %d; resumable checkpoint in %s", step, run.checkpoints)
+        raise
+
+    save_checkpoint(step)  # so a failed export can be resumed without retraining
+    if cfg.validation_prompt:
+        validation_image = _validate(cfg, comps, accelerator, unet, run, step, device)
+    lora_path = ""
+    if accelerator.is_main_process:
+        lora_path = method.export(comps, family, captions=[it.caption for it in items], dataset_dir=cfg.dataset,
+                                  steps=step, started=started)
+        run.mark_finished({"lora": lora_path, "steps": step, "seconds": round(time.time() - started, 2)})
+        log.info("saved %s", lora_path)
+    accelerator.wait_for_everyone()
+    return TrainResult(lora_path=lora_path, run_dir=run.path, steps=step, log=history,
+                       validation_image=validation_image)
+
+
+def _make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    precision = cfg.mixed_precision
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    if precision == "fp16" and not cuda:
+        log.warning("fp16 mixed precision needs a CUDA GPU; training in fp32 on the CPU.")
+        precision = "no"
+    return Accelerator(mixed_precision=precision)
+
+
+def _open_run(cfg: TrainConfig, accelerator) -> tuple[RunDir, str | None]:
+    """The main process picks (or creates) the run folder; the others follow its choice."""
+    from accelerate.utils import broadcast_object_list
+
+    choice = [None, None]
+    if accelerator.is_main_process:
+        run = find_resumable(cfg.name) if cfg.resume else None
+        if run is None:
+            run = new_run(cfg.name)
+        choice = [run.path, run.latest_checkpoint()]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice)
+    return RunDir(choice[0]), choice[1]
+
+
+def _load_base(cfg: TrainConfig):
+    from .model_loading import load_sd_components
+
+    path = cfg.base_model
+    if not os.path.exists(path):
+        try:
+            path = host.resolve_model("checkpoints", cfg.base_model)
+        except FileNotFoundError as missing:
+            try:
+                path = host.resolve_model("diffusers", cfg.base_model)
+            except FileNotFoundError:
+                raise missing from None  # name the checkpoints folder, where most models live
+    return load_sd_components(path)
+
+
+def _to_training_dtype(comps, method, weight_dtype, device):
+    """Frozen weights in the compute dtype; trainable ones stay fp32 (no fp16 grads to unscale)."""
+    cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
+    comps.unet.to(device, **cast)
+    if method.trains_text_encoder:
+        comps.text_encoder.to(device, **cast)
+    for model in (comps.unet, comps.text_encoder):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+
+def _trainable_state(comps) -> dict:
+    state = {}
+    for prefix, model in (("unet", comps.unet), ("text_encoder", comps.text_encoder)):
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                state[f"{prefix}.{name}"] = p.detach().float().cpu()
+    return state
+
+
+def _restore(checkpoint: str, comps, optimizer, scheduler) -> int:
+    saved = train_state.load(checkpoint)
+    params = {f"unet.{n}": p for n, p in comps.unet.named_parameters()}
+    params.update({f"text_encoder.{n}": p for n, p in comps.text_encoder.named_parameters()})
+    missing = [k for k in saved["trainable"] if k not in params]
+    if missing:
+        raise TrainingError(f"Checkpoint {checkpoint} does not fit this model/config "
+                            f"({len(missing)} unknown tensors, e.g. {missing[0]}). Start a new run instead.")
+    with torch.no_grad():
+        for k, v in saved["trainable"].items():
+            params[k].copy_(v.to(params[k].dtype))
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return saved["step"]
+
+
+def _step_seed(seed: int, step: int, micro: int, process: int) -> int:
+    """Every random draw of a step comes from this seed, so a resumed run repeats the same curve."""
+    return (seed * 1_000_003 + step * 1009 + micro * 31 + process) % (2**63)
+
+
+def _process_batch(n_items: int, cfg: TrainConfig, micro_step: int, accelerator) -> list[int]:
+    per = cfg.batch_size
+    indices = dataset.batch_indices(n_items, per * accelerator.num_processes, micro_step, cfg.seed)
+    return indices[accelerator.process_index * per:(accelerator.process_index + 1) * per]
+
+
+def _diffusion_loss(cfg, unet, family, noise_scheduler, alphas_cumprod, latents, cond, gen, device):
+    noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
+    if cfg.noise_offset:
+        noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(noise)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    pred = unet(noisy, t, cond, **family.unet_kwargs(latents.shape[0], device)).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.min_snr_gamma:
+        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
+        loss = loss * weight
+    return loss.mean()
+
+
+def _validate(cfg, comps, accelerator, unet, run, step, device):
+    if not accelerator.is_main_process:
+        return None
+    from .validation import sample_image
+
+    model = accelerator.unwrap_model(unet)
+    model.eval()
+    image = sample_image(comps, model, cfg.validation_prompt, resolution=cfg.resolution,
+                         steps=cfg.validation_steps, seed=cfg.validation_seed, device=device)
+    model.train()
+    os.makedirs(run.samples, exist_ok=True)
+    image.save(run.sample_path(step))
+    return image
+
+
+def _log_main(accelerator, msg, *args):
+    if accelerator.is_main_process:
+        log.info(msg, *args)
