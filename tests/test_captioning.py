@@ -328,3 +328,137 @@ def test_command_line(blip_host, photo_folder, capsys):
     args = parser.parse_args(["caption", str(photo_folder), "--model", "missing"])
     assert args.func(args) == 2
     assert os.path.join(blip_host, "blip") in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- inside ComfyUI
+
+COMFY_SCRIPT = r'''
+import os, sys
+sys.argv = [sys.argv[0], "--cpu"]
+sys.path[:0] = [os.getcwd(), os.environ["PACK_ROOT"], os.path.join(os.environ["PACK_ROOT"], "tests")]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.model_management as mm
+import folder_paths
+from trainers import captioning, host
+import test_captioning as t
+
+folder_paths.models_dir = os.environ["MODELS"]
+t.save_tiny_blip(os.path.join(os.environ["MODELS"], "blip", "tiny-blip"))
+assert host.in_comfyui() and captioning.list_blip_models() == ["tiny-blip"]
+cap = captioning.load_blip("tiny-blip")
+# ComfyUI runs on the CPU here; give the model the patcher a GPU model gets, to drive that path.
+patcher = cap.managed._patcher = host._comfy_patcher(cap.model, torch.device("cpu"))
+registered = lambda: [m for m in mm.current_loaded_models if m.model is patcher]
+imgs = [t._photo(1), t._photo(2)]
+first = captioning.caption_images(cap, imgs, max_length=5)
+assert len(registered()) == 1
+assert registered()[0].model_unload(memory_to_free=1000) is False  # ComfyUI offloads part of it
+assert patcher.model.model_lowvram
+assert captioning.caption_images(cap, imgs, max_length=5) == first  # brought back whole
+assert not patcher.model.model_lowvram
+mm.unload_all_models()
+assert not registered()
+assert captioning.caption_images(cap, imgs, max_length=5) == first and len(registered()) == 1
+captioning.unload()
+assert not registered()
+print("COMFY-OK")
+'''
+
+
+@pytest.mark.comfyui
+@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to a ComfyUI checkout")
+def test_comfyui_memory_manager_can_offload_and_reload(tmp_path):
+    import subprocess
+    import sys
+
+    comfy = os.path.abspath(os.environ["COMFYUI_DIR"])
+    python = os.path.join(comfy, "venv", "bin", "python")
+    env = dict(os.environ, PACK_ROOT=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+               MODELS=str(tmp_path))
+    run = subprocess.run([python if os.path.exists(python) else sys.executable, "-c", COMFY_SCRIPT],
+                         cwd=comfy, env=env, capture_output=True, text=True, timeout=300)
+    assert "COMFY-OK" in run.stdout, run.stdout + run.stderr
+
+
+# ----------------------------------------------------------------------------- nodes
+
+PACK = "_personalize_pack_under_test"
+IMPORT_NODE_MODULE = f'''
+import importlib, os, sys, types
+root = sys.argv[1]
+for name, path in (("{PACK}", root), ("{PACK}.nodes", os.path.join(root, "nodes"))):
+    package = types.ModuleType(name)
+    package.__path__ = [path]
+    sys.modules.setdefault(name, package)
+module = importlib.import_module("{PACK}.nodes.caption")
+'''
+
+
+@pytest.fixture
+def caption_nodes(models_dir):
+    """nodes/caption.py imported as ComfyUI does, inside a package (its imports are relative)."""
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    scope = {}
+    argv, sys.argv = sys.argv, ["", root]
+    try:
+        exec(IMPORT_NODE_MODULE, scope)
+    finally:
+        sys.argv = argv
+    module = scope["module"]
+    pack_host = sys.modules[f"{PACK}.trainers.host"]
+    previous = pack_host._local["models"]
+    pack_host.configure(models_dir=models_dir)
+    yield module
+    sys.modules[f"{PACK}.trainers.captioning"].unload()
+    pack_host._local["models"] = previous
+
+
+def test_node_module_import_is_cheap():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = IMPORT_NODE_MODULE + "print(sorted(m for m in ('transformers', 'torch', 'diffusers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def _node_kwargs(**over):
+    kw = dict(model="tiny-blip", hub_id="", prompt="a photo of", prefix="sks person", suffix="", decoding="beam search",
+              num_beams=2, min_length=2, max_length=4, batch_size=2, seed=0, device="cpu", dtype="auto",
+              keep_loaded=True)
+    return {**kw, **over}
+
+
+def test_nodes_caption_images_and_folder_then_unload(caption_nodes, tmp_path):
+    nodes = caption_nodes
+    assert set(nodes.NODE_CLASS_MAPPINGS) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    inputs = nodes.BlipCaptionImages.INPUT_TYPES()["required"]
+    assert inputs["model"][0] == ["tiny-blip", "tiny-blip2", nodes.HUB_CHOICE]
+    assert all("tooltip" in spec[1] for spec in inputs.values())
+
+    images = torch.rand(3, 40, 48, 3)  # ComfyUI IMAGE: [B,H,W,C] in 0..1
+    captions, text = nodes.BlipCaptionImages().caption(images, **_node_kwargs())
+    assert len(captions) == 3 and text == "\n".join(captions)
+    assert all(c.startswith("sks person, ") and len(c.split(", ", 1)[1].split()) == 4 for c in captions)
+
+    for i in range(2):
+        _photo(i).save(tmp_path / f"{i}.png")
+    out = nodes.BlipCaptionFolder().caption(str(tmp_path), "keep", **_node_kwargs())
+    assert out["result"] == (out["ui"]["text"][0], str(tmp_path))
+    assert "Captioned 2 image(s)" in out["result"][0]
+    assert (tmp_path / "0.txt").read_text().startswith("sks person, ")
+
+    assert nodes.UnloadBlip().unload()["result"] == ("BLIP unloaded.",)
+    assert nodes.UnloadBlip().unload()["result"] == ("No BLIP model was loaded.",)
+
+
+def test_node_without_a_model_names_the_folder(caption_nodes, models_dir):
+    nodes = caption_nodes
+    with pytest.raises(ValueError) as err:
+        nodes.BlipCaptionImages().caption(torch.rand(1, 8, 8, 3), **_node_kwargs(model=nodes.HUB_CHOICE))
+    assert os.path.join(models_dir, "blip") in str(err.value)

@@ -216,6 +216,21 @@ def torch_device():
     return torch.device("cpu")
 
 
+def _comfy_patcher(module, device):
+    """A comfy ModelPatcher around `module`, or None outside ComfyUI."""
+    import torch
+
+    try:
+        import comfy.model_management as mm  # type: ignore
+        import comfy.model_patcher  # type: ignore
+    except Exception:
+        return None
+    # ModelPatcher assigns `.device`, which transformers models expose read-only: wrap.
+    holder = torch.nn.Module()
+    holder.inner = module
+    return comfy.model_patcher.ModelPatcher(holder, load_device=device, offload_device=mm.unet_offload_device())
+
+
 class ManagedModule:
     """A torch module kept loaded between runs that ComfyUI may offload when others need the memory.
 
@@ -231,19 +246,7 @@ class ManagedModule:
 
         self.module = module
         self.device = torch.device(device)
-        self._patcher = None
-        if self.device.type == "cpu":
-            return
-        try:
-            import comfy.model_management as mm  # type: ignore
-            import comfy.model_patcher  # type: ignore
-        except Exception:
-            return
-        # ModelPatcher assigns `.device`, which transformers models expose read-only: wrap.
-        holder = torch.nn.Module()
-        holder.inner = module
-        self._patcher = comfy.model_patcher.ModelPatcher(
-            holder, load_device=self.device, offload_device=mm.unet_offload_device())
+        self._patcher = _comfy_patcher(module, self.device) if self.device.type != "cpu" else None
 
     def use(self):
         """The module, with its weights on its device (call before each run)."""

@@ -90,16 +90,16 @@ def build_sd1(size: str = "tiny", seed: int = 0, tokenizer_dir: str | None = Non
                         source=f"toy-sd1-{size}", info={"name": f"toy-sd1-{size}"})
 
 
-def save_single_file(components: SDComponents, path: str) -> str:
+def save_single_file(components: SDComponents, path: str, dtype=None) -> str:
     """An LDM-layout single-file checkpoint (what CheckpointLoaderSimple reads), written atomically.
 
     The metadata carries the config values the weights cannot show (GroupNorm groups, heads),
-    so our loader rebuilds these small models exactly.
+    so our loader rebuilds these small models exactly. dtype (e.g. torch.float16) halves the file.
     """
     from .ldm_keys import config_hints, diffusers_to_ldm
     from .safe_io import save_safetensors
 
-    return save_safetensors(diffusers_to_ldm(components), path, metadata=config_hints(components))
+    return save_safetensors(diffusers_to_ldm(components, dtype=dtype), path, metadata=config_hints(components))
 
 
 def save_diffusers_folder(components: SDComponents, directory: str) -> str:

@@ -197,7 +197,9 @@ def _make_accelerator(cfg: TrainConfig):
     if precision == "fp16" and not cuda:
         log.warning("fp16 mixed precision needs a CUDA GPU; training in fp32 on the CPU.")
         precision = "no"
-    return Accelerator(mixed_precision=precision)
+    # Without a GPU, cpu=True lets several launched processes train together over gloo.
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return Accelerator(mixed_precision=precision, cpu=not cuda and not mps)
 
 
 def _open_run(cfg: TrainConfig, accelerator) -> tuple[RunDir, str | None]:
