@@ -73,11 +73,15 @@ class TrainLoRA:
         }
 
     def train(self, ckpt_name, dataset_folder, output_name, dataset=None, unique_id=None, **knobs):
+        import torch
+
         from ..trainers.train import train
 
         folder = dataset["path"] if isinstance(dataset, dict) else _dataset_path(dataset_folder)
         cfg = TrainConfig(base_model=ckpt_name, dataset=folder, output_name=output_name, **knobs)
-        result = train(cfg)
+        # ComfyUI runs every node under torch.inference_mode(): training needs autograd back.
+        with torch.inference_mode(False), torch.enable_grad():
+            result = train(cfg)
         loss_img = result.loss_image()
         lora_name = os.path.relpath(result.lora_path, host.model_dirs("loras")[0]).replace(os.sep, "/")
         valid = pil_to_image(result.validation_image) if result.validation_image is not None else blank_image()

@@ -162,9 +162,25 @@ class Progress:
         except Exception:
             self._bar = None
 
-    def update(self, value: int, preview=None) -> None:
-        if self._bar is not None:
-            self._bar.update_absolute(value, self.total, ("JPEG", preview, 512) if preview is not None else None)
+    def update(self, value: int, preview=None, text: str | None = None) -> None:
+        if self._bar is None:
+            return
+        self._bar.update_absolute(value, self.total, ("JPEG", preview, 512) if preview is not None else None)
+        if text:
+            _send_progress_text(text)
+
+
+def _send_progress_text(text: str) -> None:
+    """A status line under the running node (ComfyUI's progress text channel), when the host has one."""
+    try:
+        from comfy_execution.utils import get_executing_context  # type: ignore
+        from server import PromptServer  # type: ignore
+
+        context = get_executing_context()
+        if context is not None and hasattr(PromptServer.instance, "send_progress_text"):
+            PromptServer.instance.send_progress_text(text, context.node_id)
+    except Exception:  # an older ComfyUI without the channel: the progress bar alone
+        pass
 
 
 def request_interrupt() -> None:

@@ -164,8 +164,9 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
                 validation_image = _validate(cfg, comps, accelerator, unet, run, step, device)
             if progress is not None:
                 progress(step, cfg.steps, loss_value)
-            bar.update(step, loss_curve([r["step"] for r in history], [r["loss"] for r in history], 256, 128)
-                       if host.in_comfyui() else None)
+            if host.in_comfyui():
+                bar.update(step, loss_curve([r["step"] for r in history], [r["loss"] for r in history], 256, 128),
+                           text=f"step {step}/{cfg.steps}  loss {loss_value:.4f}  lr {lr:.2e}")
             host.check_interrupt()  # Cancel: raises here, after a finished step
     except BaseException as exc:
         if host.is_interrupt(exc) and step > start_step:
@@ -191,15 +192,14 @@ def _make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
     precision = cfg.mixed_precision
-    cuda = torch.cuda.is_available()
+    cuda = host.torch_device().type == "cuda"  # inside ComfyUI, its --cpu choice counts
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
     if precision == "fp16" and not cuda:
         log.warning("fp16 mixed precision needs a CUDA GPU; training in fp32 on the CPU.")
         precision = "no"
-    # Without a GPU, cpu=True lets several launched processes train together over gloo.
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    return Accelerator(mixed_precision=precision, cpu=not cuda and not mps)
+    # On the CPU, cpu=True also lets several launched processes train together over gloo.
+    return Accelerator(mixed_precision=precision, cpu=host.torch_device().type == "cpu")
 
 
 def _open_run(cfg: TrainConfig, accelerator) -> tuple[RunDir, str | None]:

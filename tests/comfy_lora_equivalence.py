@@ -1,0 +1,149 @@
+"""Does a LoRA applied by ComfyUI change the model exactly as our engine's peft model does?
+
+Run with ComfyUI's interpreter, from the ComfyUI checkout (the integration tests do):
+
+    cd $COMFYUI_DIR && venv/bin/python <repo>/tests/comfy_lora_equivalence.py \
+        --ckpt model.safetensors --lora lora.safetensors --work /tmp/scratch
+
+It computes, for one fixed latent, timestep and conditioning (and one prompt's tokens):
+ComfyUI's UNet and CLIP outputs without and with the LoRA (comfy.sd.load_lora_for_models,
+strength 1, weights patched by comfy.model_management.load_models_gpu), then the same with
+our engine (load_sd_components, lora_network.attach + load_kohya). Everything runs in fp32.
+It prints one line `EQUIVALENCE {json}` with the relative errors and the patch counts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rel(a, b) -> float:
+    """|a - b| / |b| (Frobenius norms)."""
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--lora", required=True)
+    p.add_argument("--work", required=True, help="scratch folder for ComfyUI's temp/output")
+    p.add_argument("--comfy-dir", default=os.getcwd())
+    p.add_argument("--prompt", default="a photo of sks ball on the beach")
+    p.add_argument("--timestep", type=float, default=500.0)
+    p.add_argument("--latent", type=int, default=8, help="latent side (pixels / 8)")
+    args = p.parse_args(argv)
+    comfy_dir = os.path.abspath(args.comfy_dir)
+    sys.path[:0] = [comfy_dir, REPO]
+
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    from comfy.cli_args import args as comfy_args
+    comfy_args.cpu = True
+    comfy_args.fp32_text_enc = True  # on a CPU ComfyUI keeps CLIP in fp16 by default; compare in fp32
+
+    import folder_paths
+    os.makedirs(args.work, exist_ok=True)
+    folder_paths.set_temp_directory(args.work)  # our loader's hash cache lands here, not in the checkout
+    folder_paths.set_output_directory(args.work)
+
+    import torch
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.utils
+
+    collect = _Collect()
+    logging.getLogger().addHandler(collect)
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, args.latent, args.latent)
+    t = torch.tensor([args.timestep])
+    cond = torch.randn(1, 77, 768)
+
+    # --- ComfyUI ------------------------------------------------------------
+    model, clip = comfy.sd.load_checkpoint_guess_config(args.ckpt, output_vae=False, output_clip=True)[:2]
+    lora = comfy.utils.load_torch_file(args.lora, safe_load=True)
+    tokens = clip.tokenize(args.prompt)
+    ids = torch.tensor([[tok[0] for tok in tokens["l"][0]]])
+
+    def comfy_unet(patcher):
+        mm.load_models_gpu([patcher], force_full_load=True)  # applies the patches to the weights
+        with torch.no_grad():
+            return patcher.model.diffusion_model(x, timesteps=t, context=cond).float()
+
+    def comfy_clip(c):
+        with torch.no_grad():
+            return c.encode_from_tokens(tokens).float()
+
+    results = {"unet_dtype": str(model.model_dtype())}
+    comfy_base_unet, comfy_base_te = comfy_unet(model), comfy_clip(clip)
+    model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    comfy_lora_unet, comfy_lora_te = comfy_unet(model_lora), comfy_clip(clip_lora)
+    results["comfy_unet_patches"] = len(model_lora.patches)
+    results["comfy_clip_patches"] = len(clip_lora.patcher.patches)
+    results["keys_not_loaded"] = [line for line in collect.lines if "lora key not loaded" in line]
+    del model, clip, model_lora, clip_lora
+    mm.unload_all_models()
+
+    # --- our engine -----------------------------------------------------------
+    from trainers import lora_network
+    from trainers.model_loading import load_sd_components
+
+    comps = load_sd_components(args.ckpt, tokenizer_dir=os.path.join(comfy_dir, "comfy", "sd1_tokenizer"))
+    comps.unet.eval()
+    comps.text_encoder.eval()
+
+    def ours_unet():
+        with torch.no_grad():
+            return comps.unet(x, t, cond).sample.float()
+
+    def ours_te():
+        with torch.no_grad():
+            return comps.text_encoder(ids)[0].float()
+
+    ours_base_unet, ours_base_te = ours_unet(), ours_te()
+    stems = {k.split(".")[0] for k in lora}
+    attached = {}
+    for model_, prefix, key in ((comps.unet, lora_network.UNET_PREFIX, "unet"),
+                                (comps.text_encoder, lora_network.TE_PREFIX, "te")):
+        targets = [name for name, _ in model_.named_modules()
+                   if name and lora_network.kohya_stem(name, prefix) in stems]
+        attached[key] = len(targets)
+        if targets:
+            rank = lora[f"{lora_network.kohya_stem(targets[0], prefix)}.lora_down.weight"].shape[0]
+            lora_network.attach(model_, targets, rank, float(rank))  # load_kohya sets the file's alpha
+    results["unused_stems"] = lora_network.load_kohya(lora, comps.unet, comps.text_encoder)
+    ours_lora_unet, ours_lora_te = ours_unet(), ours_te()
+    results["file_unet_stems"] = sum(s.startswith(lora_network.UNET_PREFIX) for s in stems)
+    results["file_te_stems"] = sum(s.startswith(lora_network.TE_PREFIX) for s in stems)
+    results["ours_unet_modules"], results["ours_te_modules"] = attached["unet"], attached["te"]
+    results["locon_unet_stems"] = sorted(lora_network.kohya_stem(n, lora_network.UNET_PREFIX)
+                                         for n in lora_network.unet_targets(comps.unet, "locon"))
+    results["file_unet_stem_names"] = sorted(s for s in stems if s.startswith(lora_network.UNET_PREFIX))
+
+    # --- comparison -------------------------------------------------------------
+    for part, cb, cl, ob, ol in (("unet", comfy_base_unet, comfy_lora_unet, ours_base_unet, ours_lora_unet),
+                                 ("te", comfy_base_te, comfy_lora_te, ours_base_te, ours_lora_te)):
+        ours_delta, comfy_delta = ol - ob, cl - cb
+        results[f"{part}_base_rel_err"] = rel(cb, ob)  # control: the same base model on both sides
+        results[f"{part}_delta_size"] = rel(ol, ob)  # how much the LoRA changes the output
+        results[f"{part}_delta_rel_err"] = rel(comfy_delta, ours_delta)
+        results[f"{part}_lora_rel_err"] = rel(cl, ol)
+    print("EQUIVALENCE " + json.dumps(results), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
