@@ -14,7 +14,8 @@ _MODEL_MARKERS = ("config.json",)
 
 def _model_choices() -> list[str]:
     host.register_model_folder("blip")
-    return host.list_models("blip", include_dirs=True, dir_markers=_MODEL_MARKERS) + [HUB_CHOICE]
+    # Folders only (extensions=()): BLIP needs a whole transformers folder, not a weights file.
+    return host.list_models("blip", extensions=(), include_dirs=True, dir_markers=_MODEL_MARKERS) + [HUB_CHOICE]
 
 
 def _model_inputs() -> dict:

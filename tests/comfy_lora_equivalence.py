@@ -115,6 +115,10 @@ def main(argv=None) -> dict:
 
     ours_base_unet, ours_base_te = ours_unet(), ours_te()
     stems = {k.split(".")[0] for k in lora}
+    locon = {lora_network.kohya_stem(n, lora_network.UNET_PREFIX) for n in lora_network.unet_targets(comps.unet, "locon")}
+    file_unet = {s for s in stems if s.startswith(lora_network.UNET_PREFIX)}
+    results["locon_stems_missing_from_file"] = sorted(locon - file_unet)
+    results["file_stems_outside_locon"] = sorted(file_unet - locon)
     attached = {}
     for model_, prefix, key in ((comps.unet, lora_network.UNET_PREFIX, "unet"),
                                 (comps.text_encoder, lora_network.TE_PREFIX, "te")):
@@ -129,9 +133,6 @@ def main(argv=None) -> dict:
     results["file_unet_stems"] = sum(s.startswith(lora_network.UNET_PREFIX) for s in stems)
     results["file_te_stems"] = sum(s.startswith(lora_network.TE_PREFIX) for s in stems)
     results["ours_unet_modules"], results["ours_te_modules"] = attached["unet"], attached["te"]
-    results["locon_unet_stems"] = sorted(lora_network.kohya_stem(n, lora_network.UNET_PREFIX)
-                                         for n in lora_network.unet_targets(comps.unet, "locon"))
-    results["file_unet_stem_names"] = sorted(s for s in stems if s.startswith(lora_network.UNET_PREFIX))
 
     # --- comparison -------------------------------------------------------------
     for part, cb, cl, ob, ol in (("unet", comfy_base_unet, comfy_lora_unet, ours_base_unet, ours_lora_unet),

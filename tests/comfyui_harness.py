@@ -10,6 +10,10 @@ in a temporary folder, so a test sees only the files it put there.
         prompt_id = comfy.post_prompt({...API-format prompt...})
         entry = comfy.wait(prompt_id, timeout=120)
         assert execution_error(entry) is None
+
+Also here: `lora_keys_not_loaded(log)` (what ComfyUI's LoRA loader ignored; pair it with
+`log_size()`/`log_since(mark)` to read one prompt's log), and `ui_to_api(workflow, object_info)`,
+which turns a workflow saved by the frontend (workflows/*.json) into an API prompt.
 """
 from __future__ import annotations
 

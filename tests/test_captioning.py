@@ -330,6 +330,16 @@ def test_command_line(blip_host, photo_folder, capsys):
     assert os.path.join(blip_host, "blip") in capsys.readouterr().err
 
 
+def test_command_keeps_a_main_parser_models_dir(tmp_path):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models-dir")  # as `python -m trainers --models-dir DIR caption ...`
+    captioning.add_caption_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["--models-dir", str(tmp_path), "caption", str(tmp_path), "--model", "m"])
+    assert args.models_dir == str(tmp_path)
+    args = parser.parse_args(["caption", str(tmp_path), "--model", "m", "--models-dir", "elsewhere"])
+    assert args.models_dir == "elsewhere"
+
+
 # ----------------------------------------------------------------------------- inside ComfyUI
 
 COMFY_SCRIPT = r'''
@@ -455,6 +465,9 @@ def test_nodes_caption_images_and_folder_then_unload(caption_nodes, tmp_path):
 
     assert nodes.UnloadBlip().unload()["result"] == ("BLIP unloaded.",)
     assert nodes.UnloadBlip().unload()["result"] == ("No BLIP model was loaded.",)
+
+    nodes.BlipCaptionImages().caption(images[:1], **_node_kwargs(keep_loaded=False))
+    assert nodes.UnloadBlip().unload()["result"] == ("No BLIP model was loaded.",)  # freed after its run
 
 
 def test_node_without_a_model_names_the_folder(caption_nodes, models_dir):

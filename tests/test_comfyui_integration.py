@@ -1,25 +1,135 @@
 """End-to-end checks against a real ComfyUI (set COMFYUI_DIR to a checkout).
 
 Run:  COMFYUI_DIR=/work/comfyui python -m pytest tests/test_comfyui_integration.py -m comfyui -s
+
+One server serves the whole module. Its model is the smallest one ComfyUI loads as SD1.5
+(trainers.toy_models.build_sd1("comfy"): random weights), training runs on the CPU for a
+few steps at 64 px, so every result here is about plumbing and numerics, not image quality.
 """
+import glob
+import json
 import os
+import subprocess
+import time
 
 import pytest
 
-from comfyui_harness import ComfyServer, comfyui_dir
+from comfyui_harness import (ComfyServer, comfyui_dir, execution_error, lora_keys_not_loaded, ui_to_api,
+                             wait_until, was_interrupted)
 
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.skipif(not comfyui_dir(), reason="set COMFYUI_DIR to a ComfyUI checkout"),
 ]
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CKPT = "personalize_toy_sd15.safetensors"
+TRAIN, APPLY = "PersonalizeTrainLoRA", "PersonalizeApplyTrainedLoRA"
+
 
 @pytest.fixture(scope="module")
-def comfy():
-    with ComfyServer() as server:
+def toy_checkpoint(tmp_path_factory) -> str:
+    """The smallest SD1.5 ComfyUI accepts (320 channels, CLIP-L, SD VAE), in LDM layout, fp16."""
+    import torch
+
+    from trainers.toy_models import build_sd1, save_single_file
+
+    path = str(tmp_path_factory.mktemp("comfy_ckpt") / CKPT)
+    return save_single_file(build_sd1("comfy"), path, dtype=torch.float16)
+
+
+@pytest.fixture(scope="module")
+def comfy(toy_checkpoint):
+    server = ComfyServer()
+    server.add_model("checkpoints", toy_checkpoint, CKPT)
+    with server:
         yield server
 
 
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> str:
+    from trainers.demo import make_photos
+
+    return make_photos(str(tmp_path_factory.mktemp("photos")), count=3, size=96)
+
+
+def train_inputs(photos: str, output_name: str, **over) -> dict:
+    """PersonalizeTrainLoRA inputs for a few CPU steps at 64 px."""
+    inputs = dict(ckpt_name=CKPT, dataset_folder=photos, trigger_word="sks", output_name=output_name,
+                  preset="attn", rank=4, alpha=4.0, steps=3, unet_lr=1e-3, batch_size=1, resolution=64, seed=1,
+                  train_text_encoder=False, text_encoder_lr=1e-3, mixed_precision="no", save_every=0,
+                  warmup_steps=0, lr_scheduler="constant", resume=False)
+    return {**inputs, **over}
+
+
+def sample_nodes(model, clip, vae, first_id: int = 10) -> dict:
+    """CLIPTextEncode x2 -> EmptyLatentImage 64 px -> KSampler (2 steps) -> VAEDecode -> PreviewImage."""
+    i = first_id
+    return {
+        str(i): {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "a photo of sks ball on the beach"}},
+        str(i + 1): {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "blurry"}},
+        str(i + 2): {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        str(i + 3): {"class_type": "KSampler", "inputs": {
+            "model": model, "positive": [str(i), 0], "negative": [str(i + 1), 0], "latent_image": [str(i + 2), 0],
+            "seed": 3, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        str(i + 4): {"class_type": "VAEDecode", "inputs": {"samples": [str(i + 3), 0], "vae": vae}},
+        str(i + 5): {"class_type": "PreviewImage", "inputs": {"images": [str(i + 4), 0]}},
+    }
+
+
+def run_prompt(comfy, prompt: dict, timeout: float = 600) -> tuple[dict, str, float]:
+    """Queue, wait; returns (history entry, what the server logged meanwhile, seconds)."""
+    mark, started = comfy.log_size(), time.monotonic()
+    entry = comfy.wait(comfy.post_prompt(prompt), timeout=timeout)
+    return entry, comfy.log_since(mark), time.monotonic() - started
+
+
+def assert_success(entry: dict, log: str) -> None:
+    error = execution_error(entry)
+    assert error is None, f"{error['node_type']}: {error['exception_type']}: {error['exception_message']}\n" \
+                          f"{''.join(error['traceback'])}\n{log[-3000:]}"
+    assert entry["status"]["status_str"] == "success", entry["status"]
+
+
+def lora_files(comfy, stem: str) -> list[str]:
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(comfy.model_folder("loras"), stem + "*")))
+
+
+def read_log(run_folder: str) -> list[dict]:
+    """The run's step records; a line still being written (no newline yet) is left out."""
+    try:
+        with open(os.path.join(run_folder, "log.jsonl"), encoding="utf-8") as f:
+            return [json.loads(line) for line in f.read().splitlines(keepends=True)
+                    if line.endswith("\n") and line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def write_canary_lora(path: str) -> list[str]:
+    """A LoRA whose one module exists in no model: ComfyUI must report each of its keys."""
+    import torch
+    from safetensors.torch import save_file
+
+    stem = "lora_unet_no_such_block_proj"
+    tensors = {f"{stem}.lora_down.weight": torch.zeros(4, 8), f"{stem}.lora_up.weight": torch.zeros(8, 4),
+               f"{stem}.alpha": torch.tensor(4.0)}
+    save_file(tensors, path)
+    return sorted(tensors)
+
+
+@pytest.fixture(scope="module")
+def locon_te_lora(comfy, photos) -> dict:
+    """A LoRA trained through POST /prompt: LoCon preset (UNet convs) and the text encoder."""
+    prompt = {"1": {"class_type": TRAIN, "inputs": train_inputs(
+        photos, "it_locon_te", preset="locon", train_text_encoder=True, steps=2, unet_lr=1e-3)}}
+    entry, log, seconds = run_prompt(comfy, prompt)
+    print(f"\ntraining through /prompt (locon + text encoder, 2 steps): {seconds:.1f} s")
+    assert_success(entry, log)
+    return {"entry": entry, "log": log, "name": "it_locon_te.safetensors",
+            "path": os.path.join(comfy.model_folder("loras"), "it_locon_te.safetensors")}
+
+
+# --- start-up -------------------------------------------------------------------------------
 def test_server_starts_with_pack_and_imports_it_quickly(comfy):
     log = comfy.log_text()
     pack_path = os.path.join(comfy.comfy_dir, "custom_nodes", comfy.pack_folder)
@@ -41,3 +151,145 @@ def test_pack_import_is_cheap_inside_comfyui(comfy):
     heavy = {"diffusers", "peft", "accelerate", "bitsandbytes"} & set(probe["added_top_level_modules"])
     assert not heavy, f"the pack imports {sorted(heavy)} at load time; import them inside functions"
     assert probe["seconds"] < 1.0
+
+
+# --- train, then use ---------------------------------------------------------------------------
+def test_train_lora_through_prompt_api_writes_a_kohya_file(comfy, locon_te_lora):
+    from safetensors import safe_open
+
+    assert CKPT in comfy.object_info(TRAIN)["input"]["required"]["ckpt_name"][0]  # the server's checkpoints
+    entry = locon_te_lora["entry"]
+    text = entry["outputs"]["1"]["text"][0]
+    assert text.startswith(locon_te_lora["name"] + ":"), text  # the node reports the file it wrote
+    assert lora_files(comfy, "it_locon_te") == ["it_locon_te.safetensors"]  # no .part left behind
+    with safe_open(locon_te_lora["path"], framework="pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)
+    assert any(k.endswith("resnets_0_conv1.lora_down.weight") for k in keys)  # LoCon: UNet convs too
+    assert {k.split(".", 1)[1] for k in keys} == {"lora_down.weight", "lora_up.weight", "alpha"}
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_train_unet_only"] == "False"
+    assert meta["ss_sd_model_name"] == os.path.splitext(CKPT)[0] and meta["ss_steps"] == "2"
+    run = comfy.run_folder("it_locon_te")
+    assert os.path.isfile(os.path.join(run, "finished.json"))
+    assert [r["step"] for r in read_log(run)] == [1, 2]
+
+
+def test_trained_lora_loads_in_lora_loader_and_samples_without_unmatched_keys(comfy, locon_te_lora):
+    # A second LoraLoader with a canary file proves the log check sees ComfyUI's warnings at all.
+    canary = write_canary_lora(os.path.join(comfy.model_folder("loras"), "it_canary.safetensors"))
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                     "lora_name": locon_te_lora["name"],
+                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+        "3": {"class_type": "LoraLoader", "inputs": {"model": ["2", 0], "clip": ["2", 1],
+                                                     "lora_name": "it_canary.safetensors",
+                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+        **sample_nodes(["3", 0], ["3", 1], ["1", 2]),
+    }
+    entry, log, seconds = run_prompt(comfy, prompt)
+    print(f"\nLoraLoader + 2-step sampling: {seconds:.1f} s")
+    assert_success(entry, log)
+    assert entry["outputs"]["15"]["images"], entry["outputs"]
+    assert sorted(lora_keys_not_loaded(log)) == canary, log  # only the canary's keys: all of ours loaded
+
+
+def test_one_prompt_trains_and_applies_through_the_trained_lora_link(comfy, photos):
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": TRAIN, "inputs": train_inputs(photos, "it_linked", preset="kohya", steps=2)},
+        # lora_name names no file: the link must win over the dropdown
+        "3": {"class_type": APPLY, "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "not_there.safetensors",
+                                              "strength_model": 1.0, "strength_clip": 1.0, "trained_lora": ["2", 0]}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}},  # the loss curve
+        **sample_nodes(["3", 0], ["3", 1], ["1", 2]),
+    }
+    entry, log, seconds = run_prompt(comfy, prompt)
+    print(f"\ntrain (kohya, 2 steps) + apply by link + sample, one prompt: {seconds:.1f} s")
+    assert_success(entry, log)
+    assert lora_files(comfy, "it_linked") == ["it_linked.safetensors"]
+    assert entry["outputs"]["15"]["images"] and entry["outputs"]["4"]["images"]
+    assert lora_keys_not_loaded(log) == [], log
+
+
+# --- numerics: ComfyUI's LoRA application == our peft model ----------------------------------------
+def test_lora_applied_by_comfyui_changes_the_model_as_our_peft_model(comfy, toy_checkpoint, locon_te_lora, tmp_path):
+    script = os.path.join(REPO, "tests", "comfy_lora_equivalence.py")
+    started = time.monotonic()
+    proc = subprocess.run([comfy.python, script, "--ckpt", toy_checkpoint, "--lora", locon_te_lora["path"],
+                           "--work", str(tmp_path), "--comfy-dir", comfy.comfy_dir],
+                          cwd=comfy.comfy_dir, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("EQUIVALENCE ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
+    r = json.loads(lines[-1][len("EQUIVALENCE "):])
+    print(f"\nequivalence script: {time.monotonic() - started:.1f} s; "
+          + ", ".join(f"{k}={v:.2e}" for k, v in r.items() if k.endswith(("_err", "_size"))))
+    # Every tensor of the file lands in both: ComfyUI patches one weight per module, we attach one adapter.
+    assert r["keys_not_loaded"] == [] and r["unused_stems"] == []
+    assert r["comfy_unet_patches"] == r["file_unet_stems"] == r["ours_unet_modules"] > 0
+    assert r["comfy_clip_patches"] == r["file_te_stems"] == r["ours_te_modules"] == 12 * 6  # CLIP-L: q k v out fc1 fc2
+    assert r["locon_stems_missing_from_file"] == [] and r["file_stems_outside_locon"] == []
+    assert r["unet_dtype"] == "torch.float32"
+    for part in ("unet", "te"):
+        assert r[f"{part}_base_rel_err"] < 1e-4  # control: the same base model on both sides
+        assert r[f"{part}_delta_size"] > 1e-3  # the LoRA really changes the output...
+        assert r[f"{part}_delta_rel_err"] < 1e-3  # ...and by the same amount in ComfyUI
+
+
+# --- cancel and resume -------------------------------------------------------------------------
+def test_cancel_keeps_a_checkpoint_and_resume_continues_it(comfy, photos):
+    name = "it_cancel"
+    run = comfy.run_folder(name)
+    inputs = train_inputs(photos, name, steps=2000)
+    prompt_id = comfy.post_prompt({"1": {"class_type": TRAIN, "inputs": inputs}})
+    comfy.wait_running(prompt_id, timeout=120)
+    wait_until(lambda: len(read_log(run)) >= 2, timeout=300, what="two logged training steps")
+    comfy.interrupt(prompt_id)
+    entry = comfy.wait(prompt_id, timeout=300)
+    assert was_interrupted(entry), entry["status"]
+    assert execution_error(entry) is None, execution_error(entry)  # a cancel, not a crash
+    stopped = read_log(run)[-1]["step"]
+    assert 2 <= stopped < 2000
+    assert lora_files(comfy, name) == []  # nothing exported, nothing half-written
+    checkpoints = os.listdir(os.path.join(run, "checkpoints"))
+    assert checkpoints == [f"step_{stopped:06d}"], checkpoints  # complete (no .part) and at the stop step
+    assert not os.path.exists(os.path.join(run, "finished.json"))
+
+    entry, log, seconds = run_prompt(comfy, {"1": {"class_type": TRAIN, "inputs": {
+        **inputs, "steps": stopped + 2, "resume": True}}})
+    print(f"\ncancelled at step {stopped}; resume to {stopped + 2}: {seconds:.1f} s")
+    assert_success(entry, log)
+    assert "resuming from" in log and f"step_{stopped:06d}" in log, log[-3000:]
+    assert [r["step"] for r in read_log(run)] == list(range(1, stopped + 3))  # one curve, no gap or repeat
+    assert lora_files(comfy, name) == [f"{name}.safetensors"]
+    assert not glob.glob(os.path.join(os.path.dirname(run), name + "_*"))  # the same run folder, not a new one
+    assert entry["outputs"]["1"]["text"][0].startswith(f"{name}.safetensors: {stopped + 2} steps")
+
+
+# --- shipped workflows ---------------------------------------------------------------------------
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "workflows", "*.json"))), ids=os.path.basename)
+def test_shipped_workflow_runs(comfy, photos, path):
+    with open(path, encoding="utf-8") as f:
+        prompt = ui_to_api(json.load(f), comfy.object_info())
+    stem = os.path.splitext(os.path.basename(path))[0]
+    for node in prompt.values():  # the test's model, photos and sizes; everything else as shipped
+        inputs, kind = node["inputs"], node["class_type"]
+        if "ckpt_name" in inputs:
+            inputs["ckpt_name"] = CKPT
+        if kind == TRAIN:
+            inputs.update(dataset_folder=photos, output_name=f"wf_{stem}", steps=2, resolution=64, rank=4, alpha=4.0,
+                          resume=False)
+        if kind == "EmptyLatentImage":
+            inputs.update(width=64, height=64, batch_size=1)
+        if kind in ("KSampler", "KSamplerAdvanced"):
+            inputs["steps"] = 2
+    entry, log, seconds = run_prompt(comfy, prompt)
+    print(f"\nworkflow {os.path.basename(path)}: {seconds:.1f} s")
+    assert_success(entry, log)
+    assert lora_keys_not_loaded(log) == [], log
+    for node_id, node in prompt.items():
+        if node["class_type"] in ("SaveImage", "PreviewImage"):
+            assert entry["outputs"][node_id]["images"], (node_id, entry["outputs"])
+    if any(n["class_type"] == TRAIN for n in prompt.values()):
+        assert lora_files(comfy, f"wf_{stem}") == [f"wf_{stem}.safetensors"]

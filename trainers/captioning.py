@@ -63,8 +63,7 @@ def blip_dirs() -> list[str]:
 def list_blip_models() -> list[str]:
     """Model folders (holding a config.json) under the BLIP model folders, as dropdown names."""
     host.register_model_folder(BLIP_FOLDER)
-    names = host.list_models(BLIP_FOLDER, include_dirs=True, dir_markers=_MODEL_MARKERS)
-    return [n for n in names if any(os.path.isdir(os.path.join(d, n)) for d in host.model_dirs(BLIP_FOLDER))]
+    return host.list_models(BLIP_FOLDER, extensions=(), include_dirs=True, dir_markers=_MODEL_MARKERS)
 
 
 def _where_to_put_it() -> str:
@@ -137,6 +136,7 @@ def load_blip(name_or_path: str, device=None, dtype=None) -> BlipCaptioner:
 
 
 def _load(source: str, local: bool, device: torch.device, dtype: torch.dtype) -> BlipCaptioner:
+    import transformers
     from transformers import AutoConfig, AutoProcessor
 
     def failed(what, e):
@@ -160,10 +160,12 @@ def _load(source: str, local: bool, device: torch.device, dtype: torch.dtype) ->
         raise CaptionError(f"'{source}' is a '{kind}' model, not BLIP or BLIP-2. {_where_to_put_it()}.")
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=local)
-        model = model_class.from_pretrained(source, local_files_only=local)
+        # Cast while loading, so modules a model keeps in fp32 (BLIP-2's Q-Former) stay so.
+        dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        model = model_class.from_pretrained(source, local_files_only=local, **{dtype_arg: dtype})
     except (OSError, ValueError) as e:
         raise failed("model", e) from e
-    model.to(dtype=dtype).eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
     log.info("Loaded %s captioning model from %s on %s (%s)", kind, source, device, str(dtype).replace("torch.", ""))
     return BlipCaptioner(model, processor, kind, source, device, dtype, host.ManagedModule(model, device))
 
@@ -250,13 +252,28 @@ def _generate(captioner: BlipCaptioner, batch: list[Image.Image], prompt: str, g
     return [clean_caption(t) for t in texts]
 
 
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Sampling from a fixed seed without disturbing the caller's random state."""
+    cuda = []
+    if device.type == "cuda":
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
 def caption_images(captioner: BlipCaptioner, images: list[Image.Image], prefix_prompt: str = "",
                    num_beams: int = 3, do_sample: bool = False, min_length: int = 5, max_length: int = 30,
                    batch_size: int = 8, progress=None, check_interrupt=None, seed: int | None = 0,
                    top_p: float = 0.9) -> list[str]:
-    """Captions for PIL images, in order. `prefix_prompt` ("a photo of") conditions BLIP and is not
-    repeated in the result. Lengths count caption tokens (max wins over min). progress(done, total) follows each batch;
-    check_interrupt() (default: the host's Cancel) is called between batches and tokens."""
+    """Captions for PIL images, in order.
+
+    `prefix_prompt` ("a photo of") conditions BLIP and is not repeated in the result. Lengths
+    count caption tokens; max wins over min. Beam search unless `do_sample` (top-p, seeded).
+    progress(done, total) follows each batch; check_interrupt() (default: the host's Cancel)
+    is called before each batch and after each generated token.
+    """
     check = check_interrupt or host.check_interrupt
     gen_kwargs = dict(num_beams=max(1, int(num_beams)), do_sample=bool(do_sample),
                       min_new_tokens=min(int(min_length), int(max_length)), max_new_tokens=int(max_length),
@@ -269,10 +286,8 @@ def caption_images(captioner: BlipCaptioner, images: list[Image.Image], prefix_p
     if captioner.managed.module is None:
         raise CaptionError(f"The BLIP model from '{captioner.source}' was unloaded; load it again.")
     captioner.managed.use()  # back on its device if ComfyUI offloaded it
-    rng = torch.random.fork_rng(devices=[captioner.device] if captioner.device.type == "cuda" else [])
-    with torch.inference_mode(), (rng if do_sample and seed is not None else contextlib.nullcontext()):
-        if do_sample and seed is not None:
-            torch.manual_seed(seed)
+    seeded = _seeded(seed, captioner.device) if do_sample and seed is not None else contextlib.nullcontext()
+    with torch.inference_mode(), seeded:
         for start in range(0, len(images), batch_size):
             check()
             batch = [img.convert("RGB") if img.mode != "RGB" else img for img in images[start:start + batch_size]]
@@ -382,7 +397,9 @@ def add_caption_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("folder", help="folder of images; captions are written beside them")
     p.add_argument("--model", required=True,
                    help="a folder under <models>/blip, a full path to a BLIP folder, or a hub id (org/name)")
-    p.add_argument("--models-dir", help="the models root holding blip/ (default: $COMFYUI_DIR/models or ./models)")
+    # SUPPRESS: a main parser's own --models-dir (given before 'caption') is not reset to None.
+    p.add_argument("--models-dir", default=argparse.SUPPRESS,
+                   help="the models root holding blip/ (default: $COMFYUI_DIR/models or ./models)")
     p.add_argument("--policy", choices=POLICIES, default="keep", help="what to do with existing captions")
     p.add_argument("--prompt", default="", help='conditional start, e.g. "a photo of" (not repeated in the file)')
     p.add_argument("--prefix", default="", help='text put before each caption, e.g. "a photo of sks person"')
@@ -400,7 +417,7 @@ def add_caption_command(subparsers) -> argparse.ArgumentParser:
 
 
 def run_caption_command(args) -> int:
-    if args.models_dir:
+    if getattr(args, "models_dir", None):
         host.configure(models_dir=args.models_dir)
     try:
         captioner = load_blip(args.model, device=args.device, dtype=args.dtype)

@@ -3,6 +3,7 @@
     python -m trainers train --config run.json [--set steps=200 --set rank=8]
     accelerate launch --num_processes 2 -m trainers train --config run.json
     python -m trainers demo
+    python -m trainers build-dataset photos/ --name my_dog --mode buckets
 """
 from __future__ import annotations
 
@@ -87,6 +88,8 @@ def _extra_commands():
         commands.append(add_caption_command)
     except ImportError:
         pass
+    from .dataset_build import add_build_command
+    commands.append(add_build_command)
     return commands
 
 

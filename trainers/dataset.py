@@ -5,6 +5,7 @@ from the stored distribution (mean + std * noise), as kohya and diffusers do.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -32,6 +33,8 @@ class DatasetError(ValueError):
 class TrainItem:
     path: str
     caption: str
+    bucket: tuple[int, int] | None = None  # (width, height) of a prepared image from the dataset builder
+    repeats: int = 1  # times the item appears in each epoch
 
 
 # ---- captions --------------------------------------------------------------------------
@@ -62,14 +65,16 @@ def with_trigger(caption: str, trigger_word: str) -> str:
 
 # ---- scanning a folder -----------------------------------------------------------------
 
-def _manifest_entries(folder: str, manifest: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(image path, caption) pairs from a dataset builder's manifest.json, and the skipped ones."""
+def _manifest_entries(folder: str, manifest: str) -> tuple[list[tuple[str, str, dict]], list[tuple[str, str]]]:
+    """(image path, caption, {"bucket", "repeats"}) from a dataset builder's manifest.json, and the skipped ones."""
     try:
         with open(manifest, encoding="utf-8") as f:
             data = json.load(f)
         entries = data["items"]
         if not isinstance(entries, list):
             raise TypeError("'items' is not a list")
+        if data.get("incomplete"):
+            raise ValueError("its build was stopped before the end; build the dataset again")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DatasetError(f"Dataset manifest '{manifest}' cannot be read ({e}). It must be JSON like "
                            f'{{"items": [{{"image": "a.png", "caption": "..."}}]}}; fix or delete it.') from e
@@ -83,8 +88,24 @@ def _manifest_entries(folder: str, manifest: str) -> tuple[list[tuple[str, str]]
         if not os.path.isfile(path):
             skipped.append((path, "listed in manifest.json but the file is missing"))
             continue
-        pairs.append((path, str(entry.get("caption") or "")))
+        try:
+            extra = {"bucket": _bucket(entry.get("bucket")), "repeats": int(entry.get("repeats") or 1)}
+            if extra["repeats"] < 1:
+                raise ValueError("repeats must be at least 1")
+        except (TypeError, ValueError) as e:
+            skipped.append((path, f"bad bucket or repeats in manifest.json ({e})"))
+            continue
+        pairs.append((path, str(entry.get("caption") or ""), extra))
     return pairs, skipped
+
+
+def _bucket(value) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    w, h = (int(v) for v in value)
+    if w < 8 or h < 8 or w % 8 or h % 8:
+        raise ValueError(f"bucket {w}x{h} is not a multiple of 8")
+    return w, h
 
 
 def _folder_entries(folder: str, caption_ext: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -92,12 +113,15 @@ def _folder_entries(folder: str, caption_ext: str) -> tuple[list[tuple[str, str]
     pairs = []
     for path in paths:
         caption_path = os.path.splitext(path)[0] + caption_ext
-        pairs.append((path, read_caption(caption_path) if os.path.isfile(caption_path) else None))
+        pairs.append((path, read_caption(caption_path) if os.path.isfile(caption_path) else None, {}))
     return pairs, skipped
 
 
 def scan_folder(folder, trigger_word: str = "", caption_ext: str = ".txt") -> list[TrainItem]:
-    """Image/caption pairs of a training folder (or of its manifest.json), corrupt images skipped."""
+    """Image/caption pairs of a training folder (or of its manifest.json), corrupt images skipped.
+
+    Items of a built dataset (manifest.json) carry their bucket and repeats.
+    """
     folder = os.path.abspath(os.path.expanduser(os.fspath(folder or "")))
     if not os.path.isdir(folder):
         raise DatasetError(f"Dataset folder '{folder}' does not exist. Give the full path of a folder "
@@ -110,7 +134,7 @@ def scan_folder(folder, trigger_word: str = "", caption_ext: str = ".txt") -> li
         pairs, skipped = _folder_entries(folder, caption_ext)
 
     items, uncaptioned = [], 0
-    for path, caption in pairs:
+    for path, caption, extra in pairs:
         try:
             check_image(path)
         except ImageError as e:
@@ -119,7 +143,7 @@ def scan_folder(folder, trigger_word: str = "", caption_ext: str = ".txt") -> li
         if caption is None:
             caption = ""
             uncaptioned += 1
-        items.append(TrainItem(path, with_trigger(caption, trigger_word)))
+        items.append(TrainItem(path, with_trigger(caption, trigger_word), **extra))
 
     for path, reason in skipped:
         log.warning("Skipping %s: %s", path, reason)
@@ -177,6 +201,20 @@ def prepare_pixels(img: Image.Image, resolution: int, crop: str = "center") -> t
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
+def bucket_pixels(img: Image.Image, bucket, path: str = "<image>") -> torch.Tensor:
+    """A prepared image as a [3,H,W] tensor in [-1, 1] at its bucket size (resized only if it was edited)."""
+    w, h = bucket
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    if img.size != (w, h):  # the builder wrote it at this size; someone changed the file since
+        log.warning("%s is %dx%d, not its bucket %dx%d: resized; rebuild the dataset.", path, *img.size, w, h)
+        scale = max(w / img.width, h / img.height)
+        bw, bh = w / scale, h / scale
+        left, top = (img.width - bw) / 2, (img.height - bh) / 2
+        img = img.resize((w, h), Image.Resampling.LANCZOS, box=(left, top, left + bw, top + bh))
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
 # ---- latent cache ----------------------------------------------------------------------
 
 def _report(progress, done: int, total: int) -> None:
@@ -191,7 +229,7 @@ def _report(progress, done: int, total: int) -> None:
 class LatentCache:
     """Every training image encoded once; `sample` draws a fresh latent from its distribution."""
 
-    def __init__(self, means, stds, resolution: int, crop: str, flip: bool, factor: int, items=None):
+    def __init__(self, means, stds, resolution: int, crop: str, flip: bool, factor: int, items=None, whole=None):
         self.means = means  # per image: [V, C, h, w] float32 on CPU, V = 2 with flip (plain, flipped)
         self.stds = stds
         self.resolution = resolution
@@ -200,6 +238,7 @@ class LatentCache:
         self.factor = factor  # pixels per latent cell (8 for SD)
         self.size = resolution // factor  # side of every sampled latent
         self.items = items
+        self.whole = whole or [False] * len(means)  # per image: sample the whole latent (bucketed images)
 
     def __len__(self) -> int:
         return len(self.means)
@@ -212,6 +251,10 @@ class LatentCache:
 
         Latents are scaled by vae.config.scaling_factor (and shifted by shift_factor if the
         VAE has one). progress: a host.Progress or a callable(done, total).
+
+        Items with a bucket (prepared by the dataset builder) are encoded at their bucket size
+        as they are, never cropped: their samples are the whole latent, and a batch must hold
+        items of one bucket (see bucket_batch_indices). `resolution` and `crop` apply to the others.
         """
         resolution = check_resolution(resolution)
         if crop not in CROP_MODES:
@@ -220,6 +263,7 @@ class LatentCache:
         if not items:
             raise DatasetError("No images to encode: the dataset is empty.")
         paths = [getattr(item, "path", item) for item in items]
+        buckets = [getattr(item, "bucket", None) for item in items]
         scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
         shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
         views = 2 if flip else 1
@@ -248,7 +292,8 @@ class LatentCache:
         pending: dict[tuple, list] = {}
         for i, path in enumerate(paths):
             check_interrupt()
-            px = prepare_pixels(open_rgb(path), resolution, crop)
+            img = open_rgb(path)
+            px = bucket_pixels(img, buckets[i], path) if buckets[i] else prepare_pixels(img, resolution, crop)
             batch = pending.setdefault(tuple(px.shape), [])
             for v in range(views):
                 batch.append((i, v, px.flip(-1) if v else px))  # flip pixels, not latents
@@ -259,20 +304,24 @@ class LatentCache:
             if batch:
                 encode(batch)
         return cls([torch.stack(m) for m in means], [torch.stack(s) for s in stds],
-                   resolution, crop, flip, factor, items)
+                   resolution, crop, flip, factor, items, whole=[b is not None for b in buckets])
 
     def sample(self, index: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One latent [C, r/f, r/f]: random flip (p=0.5 if flip), crop window, then mean + std * noise."""
+        """One latent [C, r/f, r/f] (a bucketed item: [C, h/f, w/f]): random flip (p=0.5 if flip), crop
+        window, then mean + std * noise."""
         mean, std = self.means[index], self.stds[index]
         view = int(torch.randint(0, 2, (1,), generator=generator)) if self.flip else 0
         h, w = mean.shape[-2:]
         size = self.size
-        if self.crop == "random":
+        if self.whole[index]:  # a bucketed image: already cropped by the builder
+            top, left, height, width = 0, 0, h, w
+        elif self.crop == "random":
             top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
             left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
+            height = width = size
         else:
-            top, left = (h - size) // 2, (w - size) // 2
-        window = (view, slice(None), slice(top, top + size), slice(left, left + size))
+            top, left, height, width = (h - size) // 2, (w - size) // 2, size, size
+        window = (view, slice(None), slice(top, top + height), slice(left, left + width))
         mean, std = mean[window], std[window]
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
         return mean + std * noise
@@ -342,3 +391,47 @@ def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[i
             orders[epoch] = epoch_order(n_items, epoch, seed)
         out.append(int(orders[epoch][k]))
     return out
+
+
+def uses_bucket_batches(items) -> bool:
+    """True when items carry buckets or repeats: batches then come from bucket_batch_indices."""
+    return any(getattr(it, "bucket", None) is not None or getattr(it, "repeats", 1) != 1 for it in items)
+
+
+def bucket_batch_indices(buckets, repeats, batch_size: int, step: int, seed: int) -> list[int]:
+    """Item indices of training step `step` when every batch must come from one bucket.
+
+    buckets: per item, a hashable bucket (None counts as one bucket of its own); repeats:
+    per item, how often it appears per epoch. Each epoch shuffles every bucket's items
+    (repeats included), cuts them into batches of `batch_size`, fills a bucket's last,
+    short batch from the start of that bucket's order (so every batch is full and stacks),
+    and shuffles the batches. Like batch_indices, a function of its arguments only:
+    a resumed run sees exactly the batches of an uninterrupted one.
+    """
+    buckets, repeats = tuple(buckets), tuple(int(r) for r in repeats)
+    if not buckets or len(buckets) != len(repeats) or batch_size < 1 or step < 0 or min(repeats) < 1:
+        raise ValueError(f"bucket_batch_indices needs items, one repeats value >= 1 per item, batch_size >= 1 "
+                         f"and step >= 0 (got {len(buckets)} items, {len(repeats)} repeats, {batch_size}, {step}).")
+    counts: dict = {}
+    for b, r in zip(buckets, repeats):
+        counts[b] = counts.get(b, 0) + r
+    per_epoch = sum(-(-n // batch_size) for n in counts.values())
+    epoch, k = divmod(step, per_epoch)
+    return list(_bucket_epoch(buckets, repeats, batch_size, epoch, int(seed))[k])
+
+
+@functools.lru_cache(maxsize=4)
+def _bucket_epoch(buckets: tuple, repeats: tuple, batch_size: int, epoch: int, seed: int) -> list[tuple]:
+    rng = np.random.default_rng([seed & (2**64 - 1), epoch, 1])  # its own stream: not batch_indices' order
+    groups: dict = {}
+    for i, b in enumerate(buckets):  # buckets in order of first appearance: deterministic
+        groups.setdefault(b, []).extend([i] * repeats[i])
+    batches = []
+    for members in groups.values():
+        order = rng.permutation(np.asarray(members))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            if len(chunk) < batch_size:
+                chunk = np.concatenate([chunk, np.resize(order, batch_size - len(chunk))])
+            batches.append(tuple(int(i) for i in chunk))
+    return [batches[j] for j in rng.permutation(len(batches))]

@@ -22,6 +22,7 @@ PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 SUPPORTED = ("Supported are Stable Diffusion 1.x models: a single-file checkpoint (.safetensors, or "
              ".ckpt/.pt holding only tensors) or a diffusers folder with model_index.json.")
 _HASH_CACHE = "personalize_sha256_cache.json"
+CLIP_CONTEXT = 77
 
 
 class ModelLoadError(ValueError):
@@ -388,9 +389,13 @@ def load_tokenizer(tokenizer_dir: str | None, model_path: str = ""):
             f"ComfyUI ships it as comfy/sd1_tokenizer (set COMFYUI_DIR outside ComfyUI), or put vocab.json and "
             f"merges.txt in models/clip/tokenizer, or load a diffusers folder, which has its own.")
     try:
-        return CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     except Exception as e:
         raise ModelLoadError(f"The CLIP tokenizer in '{tokenizer_dir}' could not be loaded: {e}") from e
+    # CLIP's context is 77 tokens; ComfyUI's tokenizer config says 8192 (it chunks prompts itself),
+    # which would make diffusers pipelines pad past the position embeddings.
+    tokenizer.model_max_length = min(tokenizer.model_max_length, CLIP_CONTEXT)
+    return tokenizer
 
 
 # ---------------------------------------------------------------- hashes

@@ -67,6 +67,13 @@ def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> 
     return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+def write_bytes(path: str, data: bytes) -> str:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return _atomic(path, write)
+
+
 def write_text(path: str, text: str) -> str:
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:

@@ -123,7 +123,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
             loss_value = 0.0
             for micro in range(cfg.grad_accum):
                 gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, micro, accelerator.process_index))
-                indices = _process_batch(len(items), cfg, step * cfg.grad_accum + micro, accelerator)
+                indices = _process_batch(items, cfg, step * cfg.grad_accum + micro, accelerator)
                 batch_latents = torch.stack([latents.sample(i, gen) for i in indices]).to(device, weight_dtype)
                 texts = [items[i].caption if torch.rand(1, generator=gen).item() >= cfg.caption_dropout else ""
                          for i in indices]
@@ -274,9 +274,15 @@ def _step_seed(seed: int, step: int, micro: int, process: int) -> int:
     return (seed * 1_000_003 + step * 1009 + micro * 31 + process) % (2**63)
 
 
-def _process_batch(n_items: int, cfg: TrainConfig, micro_step: int, accelerator) -> list[int]:
+def _process_batch(items, cfg: TrainConfig, micro_step: int, accelerator) -> list[int]:
+    """This process's share of the global batch; a bucketed dataset draws the whole global batch from one bucket."""
     per = cfg.batch_size
-    indices = dataset.batch_indices(n_items, per * accelerator.num_processes, micro_step, cfg.seed)
+    total = per * accelerator.num_processes
+    if dataset.uses_bucket_batches(items):
+        indices = dataset.bucket_batch_indices([it.bucket for it in items], [it.repeats for it in items],
+                                               total, micro_step, cfg.seed)
+    else:
+        indices = dataset.batch_indices(len(items), total, micro_step, cfg.seed)
     return indices[accelerator.process_index * per:(accelerator.process_index + 1) * per]
 
 
