@@ -15,7 +15,7 @@ from trainers import dataset as dataset_mod, dataset_build, face_crop, host
 from trainers.buckets import BucketError, make_buckets, nearest_bucket
 from trainers.dataset import DatasetError, LatentCache, bucket_batch_indices, scan_folder
 from trainers.dataset_build import BuildSettings, DatasetBuildError, build_from_folder, build_from_images
-from trainers.phash import distance, phash
+from trainers.phash import HashIndex, distance, phash
 from trainers.preview_grid import caption_grid, dataset_preview
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,6 +211,12 @@ def test_phash_is_stable_under_resizing_and_recompression():
     a.resize((150, 100), Image.Resampling.BILINEAR).save(buf, "JPEG", quality=70)
     assert distance(phash(a), phash(Image.open(buf))) <= 4
     assert min(distance(phash(a), phash(photo(s, 300, 200))) for s in range(6, 12)) > 12
+    index, hashes = HashIndex(), [phash(photo(s)) for s in range(100)]
+    for n, h in enumerate(hashes[:99]):
+        index.add(h, n)
+    label, d = index.nearest(hashes[99])
+    assert d == min(distance(hashes[99], h) for h in hashes[:99]) == distance(hashes[99], hashes[label])
+    assert index.nearest(hashes[5]) == (5, 0)
 
 
 # ---- buckets ---------------------------------------------------------------------------
@@ -276,6 +282,9 @@ def test_bucket_batches_stay_in_one_bucket_count_repeats_and_resume():
         assert len({buckets[i] for i in batch}) == 1
     with pytest.raises(ValueError):
         bucket_batch_indices(buckets, repeats[:2], 2, 0, 0)
+    # No buckets (a centre-crop dataset), repeats only: exactly r appearances per epoch.
+    plain = [i for step in range(5) for i in bucket_batch_indices([None] * 3, [1, 3, 1], 1, step, seed=0)]
+    assert sorted(plain) == [0, 1, 1, 1, 2]
 
 
 # ---- manifest, trainers ----------------------------------------------------------------
@@ -311,6 +320,10 @@ def test_latent_cache_encodes_bucketed_images_whole(tmp_path, toy_sd1):
         assert cache.sample(i, gen).shape == (4, h // 8, w // 8)  # no crop window on bucketed latents
     wide = [i for i, it in enumerate(items) if it.bucket == (80, 48)]
     assert cache.sample_batch(wide, gen).shape == (2, 4, 6, 10)
+    # An output edited after the build (here: resized) is brought back to its bucket, with a warning.
+    photo(4, 100, 100).save(items[wide[0]].path)
+    edited = LatentCache.build([items[wide[0]]], toy_sd1.vae, 64)
+    assert edited.means[0].shape == (1, 4, 6, 10)
 
 
 def test_training_runs_on_a_bucketed_dataset(tmp_path, toy_sd1, monkeypatch):

@@ -108,7 +108,7 @@ def _bucket(value) -> tuple[int, int] | None:
     return w, h
 
 
-def _folder_entries(folder: str, caption_ext: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def _folder_entries(folder: str, caption_ext: str) -> tuple[list[tuple[str, str | None, dict]], list[tuple[str, str]]]:
     paths, skipped = list_images(folder)
     pairs = []
     for path in paths:

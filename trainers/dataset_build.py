@@ -47,6 +47,7 @@ IMAGES_DIR = "images"
 _OUTPUT_NAME = re.compile(r".+_[0-9a-f]{10}\.(png|txt)$")
 _ORIENTATION = 0x0112
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_NO_CAPTION, _BAD_CAPTION = "no caption", "caption not used"  # notes about the caption, re-made every build
 
 
 class DatasetBuildError(ValueError):
@@ -125,7 +126,7 @@ def folder_sources(folder: str, caption_ext: str = ".txt") -> tuple[list[Source]
             try:
                 src.caption = read_caption(caption_path)
             except DatasetError as e:
-                src.warnings.append(f"caption not used: {e}")
+                src.warnings.append(f"{_BAD_CAPTION}: {e}")
         sources.append(src)
     return sources, skipped
 
@@ -183,7 +184,7 @@ def _decode(data: bytes, label: str, scale_for) -> tuple[Image.Image, tuple[int,
     return to_rgb(img, label), full
 
 
-class _Plan:
+class CropPlan:
     """Output size and crop geometry of one image under the build settings."""
 
     def __init__(self, settings: BuildSettings, buckets):
@@ -201,7 +202,7 @@ class _Plan:
         return fit(tw / w, th / h)
 
 
-def prepare_image(img: Image.Image, full_size, plan: _Plan, detector=None) -> dict:
+def prepare_image(img: Image.Image, full_size, plan: CropPlan, detector=None) -> dict:
     """Crop/pad and resize `img` (upright; possibly decoded smaller than `full_size`).
 
     Returns the output image and its geometry in full-size source pixels:
@@ -300,10 +301,11 @@ class BuildResult:
         uncaptioned = sum(1 for it in self.items if not it["caption"])
         if uncaptioned:
             lines.append(f"{uncaptioned} image(s) have no caption.")
-        lines += [f"duplicate: {os.path.basename(d['source'])} = {os.path.basename(d['duplicate_of'])}"
-                  for d in m["duplicates"]]
-        lines += [f"skipped {os.path.basename(k['source'])}: {k['reason']}" for k in m["skipped"]]
-        lines += [f"warning {os.path.basename(it['source'])}: {w}" for it in self.items for w in it["warnings"]]
+        lines += _first(f"duplicate: {os.path.basename(d['source'])} = {os.path.basename(d['duplicate_of'])}"
+                        for d in m["duplicates"])
+        lines += _first(f"skipped {os.path.basename(k['source'])}: {k['reason']}" for k in m["skipped"])
+        lines += _first(f"warning {os.path.basename(it['source'])}: {w}"
+                        for it in self.items for w in it["warnings"] if w != _NO_CAPTION)
         return "\n".join(lines)
 
     def dataset_value(self) -> dict:
@@ -312,6 +314,12 @@ class BuildResult:
         return {"path": self.path, "manifest": self.manifest_path, "count": len(self.items),
                 "buckets": [tuple(b) for b in buckets] if buckets else [],
                 "class_images": self.manifest["class_images"], "summary": self.summary()}
+
+
+def _first(lines, limit: int = 10) -> list[str]:
+    """At most `limit` lines, then how many more there are (the manifest has them all)."""
+    lines = list(lines)
+    return lines[:limit] + ([f"... and {len(lines) - limit} more (see manifest.json)"] if len(lines) > limit else [])
 
 
 def default_root() -> str:
@@ -330,7 +338,10 @@ def build_from_folder(folder, name: str = "", settings: BuildSettings | None = N
 
 
 def build_from_images(images, captions, name: str = "", settings: BuildSettings | None = None, **kw) -> BuildResult:
-    """Build a dataset from PIL images and their captions (a ComfyUI IMAGE batch)."""
+    """Build a dataset from PIL images and their captions (a ComfyUI IMAGE batch).
+
+    Every image-batch build of a name shares that name's folder: building again replaces it.
+    """
     if not images:
         raise DatasetBuildError("No images were given.")
     return build(image_sources(images, captions), {"kind": "images", "path": None}, name or "dataset",
@@ -356,7 +367,7 @@ def build(sources: list[Source], source: dict, name: str, settings: BuildSetting
     previous = _read_own_manifest(out) or {}
     key = _settings_key(settings, buckets, detector)
     reuse = _reuse_index(previous, key)
-    plan = _Plan(settings, buckets)
+    plan = CropPlan(settings, buckets)
     workers = max(1, int(workers or min(4, os.cpu_count() or 1)))
 
     def work(src: Source) -> dict:
@@ -378,7 +389,8 @@ def build(sources: list[Source], source: dict, name: str, settings: BuildSetting
             return {"status": "skipped", "reason": e.reason, "source_sha256": sha}
 
     items, dupes, skips = [], [], [{"source": p, "reason": r} for p, r in skipped]
-    kept: list[tuple[str, str, str]] = []  # (sha, phash, label) of the items kept so far
+    kept_sha: dict[str, str] = {}  # source hash -> label of the items kept so far
+    kept_look = phash.HashIndex()
     processed = reused = 0
     names = set()
     with contextlib.closing(_ordered_map(work, sources, workers)) as records:  # Cancel stops the threads too
@@ -386,14 +398,15 @@ def build(sources: list[Source], source: dict, name: str, settings: BuildSetting
             host.check_interrupt()
             if rec["status"] == "skipped":
                 skips.append({"source": src.label, "reason": rec["reason"], "source_sha256": rec.get("source_sha256")})
-            elif (dup := _duplicate_of(rec, kept, settings)) is not None:
+            elif (dup := _duplicate_of(rec, kept_sha, kept_look, settings)) is not None:
                 dupes.append({"source": src.label, "source_sha256": rec["source_sha256"], "phash": rec["phash"],
                               "duplicate_of": dup[0], "distance": dup[1]})
             else:
                 if rec["status"] == "known":  # a duplicate last time, not any more
                     rec = _process(src, src.read(), rec["source_sha256"], key, plan, detector)
                 items.append(_write_item(out, src, rec, settings, names))
-                kept.append((rec["source_sha256"], rec["phash"], src.label))
+                kept_sha.setdefault(rec["source_sha256"], src.label)
+                kept_look.add(rec["phash"], src.label)
                 processed += rec["status"] == "processed"
                 reused += rec["status"] == "reused"
             if progress is not None:
@@ -420,7 +433,7 @@ def build(sources: list[Source], source: dict, name: str, settings: BuildSetting
     return result
 
 
-def _process(src: Source, data: bytes, sha: str, key: str, plan: _Plan, detector) -> dict:
+def _process(src: Source, data: bytes, sha: str, key: str, plan: CropPlan, detector) -> dict:
     if src.image is not None:
         img = src.image.convert("RGB") if src.image.mode != "RGB" else src.image
         full = img.size
@@ -434,16 +447,14 @@ def _process(src: Source, data: bytes, sha: str, key: str, plan: _Plan, detector
             **prepared}
 
 
-def _duplicate_of(rec: dict, kept, settings: BuildSettings):
+def _duplicate_of(rec: dict, kept_sha: dict, kept_look, settings: BuildSettings):
     """(label of the kept image this one duplicates, hash distance), or None."""
     if not settings.dedupe:
         return None
-    best = None
-    for sha, ph, label in kept:
-        d = 0 if sha == rec["source_sha256"] else phash.distance(ph, rec["phash"])
-        if d <= settings.dedupe_threshold and (best is None or d < best[1]):
-            best = (label, d)
-    return best
+    if rec["source_sha256"] in kept_sha:  # the same bytes
+        return kept_sha[rec["source_sha256"]], 0
+    nearest = kept_look.nearest(rec["phash"])
+    return nearest if nearest is not None and nearest[1] <= settings.dedupe_threshold else None
 
 
 def _write_item(out: str, src: Source, rec: dict, settings: BuildSettings, names: set) -> dict:
@@ -462,7 +473,7 @@ def _write_item(out: str, src: Source, rec: dict, settings: BuildSettings, names
         "source": src.label, "source_sha256": rec["source_sha256"], "source_bytes": rec["source_bytes"],
         "source_size": rec["source_size"], "crop_box": rec["crop_box"], "pad_box": rec["pad_box"],
         "face_box": rec["face_box"], "bucket": rec["bucket"], "repeats": settings.repeats, "phash": rec["phash"],
-        "warnings": src.warnings + rec["warnings"] + ([] if src.caption is not None else ["no caption"]),
+        "warnings": src.warnings + rec["warnings"] + ([] if src.caption is not None else [_NO_CAPTION]),
     }
 
 
@@ -536,7 +547,7 @@ def _reuse_index(previous: dict, key: str) -> dict[str, dict]:
                 "image", "output_name", "output_sha256", "source_sha256", "source_bytes", "source_size",
                 "crop_box", "pad_box", "face_box", "bucket", "phash")}
             index[item["source_sha256"]]["warnings"] = [w for w in item.get("warnings") or []
-                                                         if not w.startswith(("caption not used", "no caption"))]
+                                                         if not w.startswith((_NO_CAPTION, _BAD_CAPTION))]
     return index
 
 

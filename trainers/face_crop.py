@@ -6,6 +6,7 @@ A detector is any callable(PIL image) -> [(x, y, w, h), ...] in that image's pix
 """
 from __future__ import annotations
 
+import importlib.util
 import threading
 
 import numpy as np
@@ -17,11 +18,7 @@ _local = threading.local()  # one classifier per thread: OpenCV does not promise
 
 
 def haar_available() -> bool:
-    try:
-        import cv2  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("cv2") is not None
 
 
 def _classifier():

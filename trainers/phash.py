@@ -27,3 +27,30 @@ def phash(img: Image.Image) -> str:
 def distance(a: str, b: str) -> int:
     """Number of differing bits between two hashes."""
     return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+class HashIndex:
+    """Hashes seen so far; `nearest` compares one hash with all of them at once (big datasets stay fast)."""
+
+    def __init__(self):
+        self._bytes = np.zeros((64, 8), dtype=np.uint8)  # grows by doubling
+        self.labels: list = []
+
+    def add(self, hash_hex: str, label) -> None:
+        n = len(self.labels)
+        if n == len(self._bytes):
+            self._bytes = np.concatenate([self._bytes, np.zeros_like(self._bytes)])
+        self._bytes[n] = np.frombuffer(bytes.fromhex(hash_hex), dtype=np.uint8)
+        self.labels.append(label)
+
+    def nearest(self, hash_hex: str):
+        """(label, distance) of the closest hash, or None when empty; ties go to the earliest."""
+        if not self.labels:
+            return None
+        query = np.frombuffer(bytes.fromhex(hash_hex), dtype=np.uint8)
+        distances = _POPCOUNT[self._bytes[:len(self.labels)] ^ query].sum(axis=1, dtype=np.int64)
+        k = int(np.argmin(distances))
+        return self.labels[k], int(distances[k])
