@@ -181,6 +181,15 @@ def test_batched_captions_match_one_by_one(blip):
     assert len(set(batched)) > 1  # the captions depend on the image
 
 
+@pytest.mark.parametrize("prompt", ["", "a photo of"])
+def test_shared_cross_attention_cache_gives_the_same_captions(blip, monkeypatch, prompt):
+    images = [_photo(i) for i in range(4)]
+    fast = caption_images(blip, images, prefix_prompt=prompt, num_beams=3, batch_size=4, max_length=8)
+    monkeypatch.setattr(captioning, "SHARED_CROSS_CACHE", False)
+    plain = caption_images(blip, images, prefix_prompt=prompt, num_beams=3, batch_size=4, max_length=8)
+    assert fast == plain and len(set(fast)) > 1
+
+
 def test_conditional_prompt_is_not_echoed(blip):
     plain = caption_images(blip, [_photo(3)], max_length=5)[0]
     prompted = caption_images(blip, [_photo(3)], prefix_prompt="  a photo  of ", max_length=5)[0]

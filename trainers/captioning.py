@@ -31,6 +31,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MODEL_MARKERS = ("config.json",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+SHARED_CROSS_CACHE = True  # see _beam_cache; False gives transformers' own beam-search cache
 
 
 class CaptionError(ValueError):
@@ -231,8 +232,37 @@ def _interrupt_criteria(check):
     return StoppingCriteriaList([_CheckInterrupt()])
 
 
+def _beam_cache(model):
+    """A BLIP beam-search cache that does not reorder the cross-attention keys and values.
+
+    generate() repeats each image's encoder states once per beam, and a beam only ever
+    continues a beam of the same image, so reordering the cross-attention cache is an identity;
+    yet it copies every layer's keys and values over all 577 image tokens at each step, which
+    is 40% of the CPU time at batch 8. The self-attention cache is reordered as usual.
+    None where the cache layout is not the one checked here (transformers before 5).
+    """
+    import transformers
+    if not SHARED_CROSS_CACHE or int(transformers.__version__.split(".")[0]) < 5:
+        return None
+    try:
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        class BeamSharedCrossCache(EncoderDecoderCache):
+            def reorder_cache(self, beam_idx):
+                self.self_attention_cache.reorder_cache(beam_idx)
+
+        config = model.config.text_config
+        return BeamSharedCrossCache(DynamicCache(config=config), DynamicCache(config=config))
+    except (ImportError, TypeError, AttributeError):
+        return None
+
+
 def _generate(captioner: BlipCaptioner, batch: list[Image.Image], prompt: str, gen_kwargs: dict) -> list[str]:
     model, processor = captioner.model, captioner.processor
+    if captioner.kind == "blip" and gen_kwargs["num_beams"] > 1:
+        cache = _beam_cache(model)
+        if cache is not None:
+            gen_kwargs = {**gen_kwargs, "past_key_values": cache}
     if captioner.kind == "blip":
         text = [prompt] * len(batch) if prompt else None
     else:  # the BLIP-2 processor puts the image tokens in front of the (possibly empty) prompt
