@@ -6,6 +6,7 @@ pack stays cheap; transformers is imported only when a caption is asked for.
 from __future__ import annotations
 
 from ..trainers import host
+from .paths import folder_fingerprint, input_folder
 
 CATEGORY = "Personalize/dataset"
 HUB_CHOICE = "(use hub id)"
@@ -113,19 +114,23 @@ class BlipCaptionFolder:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "folder": ("STRING", {"default": "", "tooltip": "Full path of the folder of images."}),
+            "folder": ("STRING", {"default": "", "tooltip": "Folder of images; a relative path is inside ComfyUI's input folder."}),
             "policy": (["keep", "overwrite", "append"], {"tooltip": "For images that already have a .txt: keep "
                                                                     "it (BLIP skips them), overwrite it, or add "
                                                                     "the new caption after it."}),
             **_model_inputs(), **_generation_inputs()}}
 
     @classmethod
-    def IS_CHANGED(cls, **kw):
-        return float("nan")  # the folder's files change outside the graph: always run
+    def IS_CHANGED(cls, folder="", **kw):
+        # New or changed photos re-run it; the .txt files it writes itself do not.
+        from ..trainers.images import IMAGE_EXTENSIONS
+
+        return folder_fingerprint(input_folder(folder), extensions=IMAGE_EXTENSIONS)
 
     def caption(self, folder, policy, **kw):
         from ..trainers import captioning
 
+        folder = input_folder(folder)
         captioner = _load(kw)
         bar = host.Progress(1)
 

@@ -5,14 +5,13 @@ Thin wrappers over trainers/dataset_build.py; the DATASET they output is a dict
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
 from ..trainers import host
 from ..trainers.dataset_build import MODES, BuildSettings, build_from_folder, build_from_images
 from ..trainers.preview_grid import dataset_preview
 from .convert import image_to_pil, pil_to_image
-from .train_lora import _dataset_path
+from .paths import folder_fingerprint, input_folder
 
 CATEGORY = "Personalize/dataset"
 _D = BuildSettings()
@@ -83,20 +82,6 @@ def _outputs(result, preview_images: int) -> dict:
     return {"ui": {"text": [value["summary"]]}, "result": (value, grid, value["summary"])}
 
 
-def _folder_fingerprint(*folders) -> str:
-    """Names, sizes and times of the files in the folders: re-run when the photos or captions change."""
-    digest = hashlib.sha256()
-    for folder in folders:
-        if not folder or not os.path.isdir(folder):
-            digest.update(f"missing:{folder}".encode())
-            continue
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if entry.is_file():
-                st = entry.stat()
-                digest.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 class BuildDataset:
     DESCRIPTION = ("Prepare a folder of photos (and same-name .txt captions) for training: EXIF rotation, any "
                    "colour format, crop or aspect buckets, duplicates and broken files removed, a manifest the "
@@ -121,10 +106,10 @@ class BuildDataset:
     def IS_CHANGED(cls, folder=None, class_images_folder="", **kw):
         if folder is None:  # linked from another node: that node decides
             return ""
-        return _folder_fingerprint(_dataset_path(folder), class_images_folder or "")
+        return folder_fingerprint(input_folder(folder), input_folder(class_images_folder))
 
     def build(self, folder, name, class_images_folder="", preview_images=16, **kw):
-        folder = _dataset_path(folder)
+        folder = input_folder(folder)
         result = build_from_folder(folder, name, _settings(kw), class_images=class_images_folder or None,
                                    progress=_bar_progress())
         return _outputs(result, preview_images)

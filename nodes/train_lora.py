@@ -6,18 +6,9 @@ import os
 from ..trainers import host
 from ..trainers.config import CROPS, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULERS, TrainConfig
 from .convert import blank_image, pil_to_image
+from .paths import input_folder
 
 _D = TrainConfig()  # the engine's defaults are the node's defaults
-
-
-def _dataset_path(folder: str) -> str:
-    """A relative dataset path is taken from ComfyUI's input folder."""
-    folder = os.path.expanduser(folder.strip())
-    if not os.path.isabs(folder) and host.in_comfyui():
-        import folder_paths  # type: ignore
-
-        folder = os.path.join(folder_paths.get_input_directory(), folder)
-    return folder
 
 
 class TrainLoRA:
@@ -77,7 +68,7 @@ class TrainLoRA:
 
         from ..trainers.train import train
 
-        folder = dataset["path"] if isinstance(dataset, dict) else _dataset_path(dataset_folder)
+        folder = dataset["path"] if isinstance(dataset, dict) else input_folder(dataset_folder)
         cfg = TrainConfig(base_model=ckpt_name, dataset=folder, output_name=output_name, **knobs)
         # ComfyUI runs every node under torch.inference_mode(): training needs autograd back.
         with torch.inference_mode(False), torch.enable_grad():
