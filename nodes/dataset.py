@@ -5,7 +5,6 @@ Thin wrappers over trainers/dataset_build.py; the DATASET they output is a dict
 """
 from __future__ import annotations
 
-import os
 
 from ..trainers import host
 from ..trainers.dataset_build import MODES, BuildSettings, build_from_folder, build_from_images

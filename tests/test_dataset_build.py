@@ -1,6 +1,5 @@
 """The dataset builder: image edge cases, duplicates, buckets, the manifest, rebuilds, nodes, CLI and training on it."""
 import copy
-import importlib.util
 import io
 import json
 import os
@@ -11,6 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from pack_loader import load_pack
 from trainers import dataset as dataset_mod, dataset_build, face_crop, host
 from trainers.buckets import BucketError, make_buckets, nearest_bucket
 from trainers.dataset import DatasetError, LatentCache, bucket_batch_indices, scan_folder
@@ -491,20 +491,9 @@ def test_preview_grid_draws_captions_under_thumbnails(tmp_path):
     assert np.asarray(blank)[64 + 10:, :].max() > 100  # "(no caption)" is written
 
 
-def _pack():
-    name = "_personalize_pack_dataset_tests"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return name
-
-
 @pytest.fixture
 def nodes(output_root):
-    name = _pack()
+    name = load_pack().__name__
     pack_host = sys.modules[f"{name}.trainers.host"]
     previous = pack_host._local["output"]
     pack_host.configure(output_dir=str(output_root))
@@ -572,8 +561,8 @@ def test_command_line_builds_and_writes_a_preview(tmp_path, capsys):
 
 
 def test_shipped_workflow_builds_from_the_caption_folder_output(tmp_path, nodes):
-    from test_workflows import object_info
     from comfyui_harness import ui_to_api
+    from test_workflows import object_info
 
     with open(os.path.join(ROOT, "workflows", "caption_and_build_dataset.json"), encoding="utf-8") as f:
         prompt = ui_to_api(json.load(f), object_info())

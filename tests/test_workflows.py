@@ -6,18 +6,16 @@ widgets with their control_after_generate value), so the frontend loads it as dr
 tests/test_comfyui_integration.py runs each one in a real ComfyUI.
 """
 import glob
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
+from pack_loader import load_pack
 from comfyui_harness import VIRTUAL_NODES, ui_to_api, widget_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
-PACK = "_personalize_pack_workflows"
 
 _MODEL, _INT, _FLOAT = [[], {}], ["INT", {}], ["FLOAT", {}]
 # The ComfyUI core nodes a workflow may use: inputs in INPUT_TYPES order (from ComfyUI's nodes.py)
@@ -37,17 +35,6 @@ CORE_NODES = {
     "PreviewImage": ({"images": ["IMAGE"]}, []),
     "LoadImage": ({"image": [[], {"image_upload": True}]}, ["IMAGE", "MASK"]),
 }
-
-
-def load_pack():
-    """The pack imported as ComfyUI does: a package named by its folder (its imports are relative)."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACK]
 
 
 def object_info() -> dict:
