@@ -139,6 +139,8 @@ def test_run_folder_has_config_log_checkpoints_and_samples(env, fresh):
     run = result.run_dir
     config = json.load(open(os.path.join(run, "config.json")))
     assert config["steps"] == 4 and config["trigger_word"] == "sks"
+    assert config["resolved"]["images"] == 2 and config["resolved"]["processes"] == 1
+    assert TrainConfig.from_dict(config).steps == 4  # the run folder's config is a valid run config
     log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all("loss" in r and "lr" in r for r in log)
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_000002", "step_000004"]

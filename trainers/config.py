@@ -107,6 +107,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
+        data = {k: v for k, v in data.items() if k != "resolved"}  # what a run folder's config.json adds
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -96,7 +96,10 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
         if accelerator.is_main_process:
             run.truncate_log(start_step)
     elif accelerator.is_main_process:
-        run.write_config(cfg.to_dict())
+        run.write_config({**cfg.to_dict(), "resolved": {
+            "base_model_path": comps.source, "base_model_sha256": comps.info.get("sha256", ""),
+            "family": comps.family, "images": len(items), "device": str(device),
+            "mixed_precision": accelerator.mixed_precision, "processes": accelerator.num_processes}})
 
     noise_scheduler = comps.noise_scheduler()
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
