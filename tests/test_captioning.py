@@ -403,7 +403,7 @@ def test_comfyui_memory_manager_can_offload_and_reload(tmp_path):
 
 # ----------------------------------------------------------------------------- nodes
 
-PACK = "_personalize_pack_under_test"
+PACK = "_personalize_caption_nodes_only"  # a subprocess imports just nodes/caption.py
 IMPORT_NODE_MODULE = f'''
 import importlib, os, sys, types
 root = sys.argv[1]
@@ -420,19 +420,15 @@ def caption_nodes(models_dir):
     """nodes/caption.py imported as ComfyUI does, inside a package (its imports are relative)."""
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    scope = {}
-    argv, sys.argv = sys.argv, ["", root]
-    try:
-        exec(IMPORT_NODE_MODULE, scope)
-    finally:
-        sys.argv = argv
-    module = scope["module"]
-    pack_host = sys.modules[f"{PACK}.trainers.host"]
+    from pack_loader import load_pack
+
+    pack = load_pack().__name__
+    module = sys.modules[f"{pack}.nodes.caption"]
+    pack_host = sys.modules[f"{pack}.trainers.host"]
     previous = pack_host._local["models"]
     pack_host.configure(models_dir=models_dir)
     yield module
-    sys.modules[f"{PACK}.trainers.captioning"].unload()
+    sys.modules[f"{pack}.trainers.captioning"].unload()
     pack_host._local["models"] = previous
 
 

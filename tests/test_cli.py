@@ -61,7 +61,8 @@ def test_accelerate_launch_two_processes(workspace):
         pytest.skip("accelerate's launcher is not installed")
     proc = run_cli([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainers",
-                    "--models-dir", "models", "--output-dir", "output", "train", "--config", "run.json"], workspace)
+                    "--models-dir", "models", "--output-dir", "output", "train", "--config", "run.json",
+                    "--set", "train_text_encoder=true"], workspace)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(2 process(es))" in proc.stderr
     run = workspace / "output" / "personalize" / "runs" / "cli"
@@ -70,3 +71,4 @@ def test_accelerate_launch_two_processes(workspace):
     assert sorted(os.listdir(workspace / "models" / "loras")) == ["cli.safetensors"]
     ups = [v for k, v in load_file(workspace / "models" / "loras" / "cli.safetensors").items() if "lora_up" in k]
     assert any(float(v.abs().max()) > 0 for v in ups)  # the two processes trained it
+    assert any(k.startswith("lora_te_text_model_") for k in load_file(workspace / "models" / "loras" / "cli.safetensors"))

@@ -14,9 +14,12 @@ class SD1:
         return comps.tokenizer(captions, padding="max_length", max_length=length,
                                truncation=True, return_tensors="pt").input_ids
 
-    def encode(self, comps, input_ids: torch.Tensor) -> torch.Tensor:
-        """Per-token conditioning for the UNet's cross-attention (the last hidden state)."""
-        return comps.text_encoder(input_ids.to(comps.text_encoder.device))[0]
+    def encode(self, comps, input_ids: torch.Tensor, text_encoder=None) -> torch.Tensor:
+        """Per-token conditioning for the UNet's cross-attention (the last hidden state).
+
+        text_encoder: the training wrapper (DDP) when it is trained, so its gradients are synchronised."""
+        encoder = text_encoder or comps.text_encoder
+        return encoder(input_ids.to(comps.text_encoder.device))[0]
 
     def unet_kwargs(self, batch_size: int, device) -> dict:
         return {}  # SDXL adds its pooled text and size conditioning here

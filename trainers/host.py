@@ -134,8 +134,9 @@ def writable_roots() -> list[str]:
 
 
 def tokenizer_dir(family: str = "sd1") -> str | None:
-    """A local CLIP tokenizer folder: ComfyUI ships one for SD1.x/SDXL's CLIP-L."""
-    candidates = []
+    """A local CLIP tokenizer folder: one the user put in models/clip/tokenizer, else the one
+    ComfyUI ships for SD1.x/SDXL's CLIP-L."""
+    candidates = [os.path.join(d, "tokenizer") for d in model_dirs("clip")]
     comfy_root = None
     if _fp is not None:
         comfy_root = os.path.dirname(os.path.abspath(_fp.__file__))
@@ -143,7 +144,6 @@ def tokenizer_dir(family: str = "sd1") -> str | None:
         comfy_root = os.environ["COMFYUI_DIR"]
     if comfy_root:
         candidates.append(os.path.join(comfy_root, "comfy", "sd1_tokenizer"))
-    candidates += [os.path.join(d, "tokenizer") for d in model_dirs("clip")]
     for path in candidates:
         if os.path.isfile(os.path.join(path, "vocab.json")):
             return path

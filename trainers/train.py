@@ -133,7 +133,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
                 if captions is not None:
                     cond = captions.get(texts).to(device, weight_dtype)
                 else:
-                    cond = family.encode(comps, family.tokenize(comps, texts).to(device))
+                    cond = family.encode(comps, family.tokenize(comps, texts), text_encoder)
                 sync = micro == cfg.grad_accum - 1
                 with accelerator.no_sync(unet) if not sync and accelerator.num_processes > 1 else nullcontext():
                     loss = _diffusion_loss(cfg, unet, family, noise_scheduler, alphas_cumprod,
