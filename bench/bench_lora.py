@@ -13,6 +13,7 @@ import argparse
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +21,16 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def make_checkpoint(size: str, work: str) -> None:
+    from trainers.toy_models import build_sd1, save_single_file
+
+    comps = build_sd1(size, tokenizer_dir=os.path.join(work, "models", "clip", "tokenizer"))
+    save_single_file(comps, os.path.join(work, "models", "checkpoints", "bench.safetensors"))
+
+
 def main():
+    if sys.argv[1:2] == ["--make-checkpoint"]:
+        return make_checkpoint(*sys.argv[2:4])
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--resolution", type=int, default=128)
@@ -36,16 +46,17 @@ def main():
     from trainers import host
     from trainers.config import TrainConfig
     from trainers.demo import make_photos
-    from trainers.toy_models import build_sd1, save_single_file
+    from trainers.toy_models import build_sd1
     from trainers.train import train
 
     work = tempfile.mkdtemp(prefix="bench_lora_")
     host.configure(models_dir=os.path.join(work, "models"), output_dir=os.path.join(work, "output"))
     data = make_photos(os.path.join(work, "photos"), count=args.images, size=args.resolution * 2)
-    comps = build_sd1(args.size, tokenizer_dir=os.path.join(work, "models", "clip", "tokenizer"))
-    n_unet = sum(p.numel() for p in comps.unet.parameters())
-    if not args.in_memory:  # time to first step then includes loading the single-file checkpoint
-        save_single_file(comps, os.path.join(work, "models", "checkpoints", "bench.safetensors"))
+    tokenizer = os.path.join(work, "models", "clip", "tokenizer")
+    if args.in_memory:
+        comps = build_sd1(args.size, tokenizer_dir=tokenizer)
+    else:  # the checkpoint is made in a child process, so peak RSS below is the trainer's alone
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--make-checkpoint", args.size, work], check=True)
         comps = None
     cfg = TrainConfig(base_model="bench.safetensors", dataset=data, output_name="bench", trigger_word="sks", rank=args.rank,
                       alpha=args.rank, steps=args.steps, batch_size=1, resolution=args.resolution,
@@ -58,7 +69,7 @@ def main():
     per_step = [b - a for a, b in zip(marks, marks[1:])]
     steady = statistics.median(per_step[len(per_step) // 4:]) if per_step else float("nan")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"model: {args.size} SD1.x, unet {n_unet/1e6:.1f} M params; "
+    print(f"model: {args.size} SD1.x; "
           f"{args.images} images at {args.resolution}px, rank {args.rank}, batch 1, fp32, {torch.get_num_threads()} threads")
     print(f"time to first step: {first:.2f} s ({'model built in memory' if args.in_memory else 'loading the checkpoint file'}"
           ", latent and caption caching included)")

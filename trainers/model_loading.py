@@ -95,6 +95,7 @@ def _load_single_file(path, state_dict, metadata, tokenizer_dir, dtype) -> SDCom
         parts = ldm_keys.ldm_to_diffusers(state_dict, unet_config, vae_config)
     except (ldm_keys.KeyMapError, KeyError, IndexError) as e:
         raise ModelLoadError(f"'{path}' does not have the SD1.x checkpoint layout: {_reason(e)}") from e
+    state_dict.clear()  # `parts` holds the tensors now; each part is released once its model owns a copy
     if not parts["text_encoder"]:
         raise ModelLoadError(f"'{path}' has no CLIP text encoder (cond_stage_model.transformer.*). {SUPPORTED}")
 
@@ -104,10 +105,10 @@ def _load_single_file(path, state_dict, metadata, tokenizer_dir, dtype) -> SDCom
         raise ModelLoadError(f"'{path}': the text encoder width {text_config['hidden_size']} does not match the "
                              f"UNet's cross-attention width {unet_config['cross_attention_dim']}.")
 
-    unet = _instantiate(lambda: UNet2DConditionModel.from_config(unet_config), parts["unet"], dtype, "UNet", path)
-    vae = _instantiate(lambda: AutoencoderKL.from_config(vae_config), parts["vae"], dtype, "VAE", path)
+    unet = _instantiate(lambda: UNet2DConditionModel.from_config(unet_config), parts.pop("unet"), dtype, "UNet", path)
+    vae = _instantiate(lambda: AutoencoderKL.from_config(vae_config), parts.pop("vae"), dtype, "VAE", path)
     text_encoder = _instantiate(lambda: CLIPTextModel(CLIPTextConfig(**text_config)),
-                                parts["text_encoder"], dtype, "text encoder", path)
+                                parts.pop("text_encoder"), dtype, "text encoder", path)
     return SDComponents(family="sd1", unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         prediction_type="epsilon", source=path,
                         info={"name": os.path.splitext(os.path.basename(path))[0], "format": "single_file",

@@ -48,7 +48,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     device = accelerator.device
     run, resume_from = _open_run(cfg, accelerator)
     if resume_from:
-        cfg = TrainConfig.from_dict({**run.read_config(), "steps": cfg.steps, "resume": True})
+        cfg = _resumed_config(cfg, run, accelerator)
     _log_main(accelerator, "run %s on %s (%d process(es))%s", run.path, device, accelerator.num_processes,
               f", resuming from {resume_from}" if resume_from else "")
 
@@ -218,6 +218,16 @@ def _open_run(cfg: TrainConfig, accelerator) -> tuple[RunDir, str | None]:
     if accelerator.num_processes > 1:
         broadcast_object_list(choice)
     return RunDir(choice[0]), choice[1]
+
+
+def _resumed_config(cfg: TrainConfig, run: RunDir, accelerator) -> TrainConfig:
+    """A resumed run keeps its own settings (they shaped its checkpoint); only `steps` may change."""
+    stored = TrainConfig.from_dict({**run.read_config(), "steps": cfg.steps, "resume": True})
+    changed = [k for k, v in cfg.to_dict().items() if k not in ("extra",) and getattr(stored, k) != v]
+    if changed:
+        _log_main(accelerator, "resuming %s with its saved settings; ignored new values for: %s",
+                  run.name, ", ".join(changed))
+    return stored
 
 
 def _load_base(cfg: TrainConfig):
