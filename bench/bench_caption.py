@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainers import captioning  # noqa: E402
+from engine import engine  # noqa: E402
+
+captioning = engine("captioning")
 
 
 def make_photos(folder: str, count: int, size: int, chunk: int, seed: int = 0) -> list[list[str]]:

@@ -20,11 +20,13 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainers import host  # noqa: E402
-from trainers.dataset_build import MODES, BuildSettings, build_from_folder  # noqa: E402
-from trainers.images import list_images, open_rgb  # noqa: E402
+from engine import engine  # noqa: E402
+
+host = engine("host")
+dataset_build, images = engine("dataset_build"), engine("images")
+MODES, BuildSettings, build_from_folder = dataset_build.MODES, dataset_build.BuildSettings, dataset_build.build_from_folder
+list_images, open_rgb = images.list_images, images.open_rgb
 
 
 def make_photos(folder: str, count: int, size: int, seed: int = 0) -> None:

@@ -18,14 +18,14 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from engine import engine
 
 
 def make_checkpoint(size: str, work: str) -> None:
-    from trainers.toy_models import build_sd1, save_single_file
+    toy = engine("toy_models")
 
-    comps = build_sd1(size, tokenizer_dir=os.path.join(work, "models", "clip", "tokenizer"))
-    save_single_file(comps, os.path.join(work, "models", "checkpoints", "bench.safetensors"))
+    comps = toy.build_sd1(size, tokenizer_dir=os.path.join(work, "models", "clip", "tokenizer"))
+    toy.save_single_file(comps, os.path.join(work, "models", "checkpoints", "bench.safetensors"))
 
 
 def main():
@@ -43,11 +43,11 @@ def main():
 
     import torch
 
-    from trainers import host
-    from trainers.config import TrainConfig
-    from trainers.demo import make_photos
-    from trainers.toy_models import build_sd1
-    from trainers.train import train
+    host = engine("host")
+    TrainConfig = engine("config").TrainConfig
+    make_photos = engine("demo").make_photos
+    build_sd1 = engine("toy_models").build_sd1
+    train = engine("train").train
 
     work = tempfile.mkdtemp(prefix="bench_lora_")
     host.configure(models_dir=os.path.join(work, "models"), output_dir=os.path.join(work, "output"))

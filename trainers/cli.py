@@ -82,15 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Subcommands that live with their engines (captioning, dataset building)."""
-    commands = []
-    try:
-        from .captioning import add_caption_command
-        commands.append(add_caption_command)
-    except ImportError:
-        pass
+    from .captioning import add_caption_command
     from .dataset_build import add_build_command
-    commands.append(add_build_command)
-    return commands
+
+    return [add_caption_command, add_build_command]
 
 
 def main(argv=None) -> int:
