@@ -3,6 +3,7 @@
     python bench/bench_caption.py                 # 50 photos of 2000 px, random BLIP-base weights
     python bench/bench_caption.py --images 8      # quicker
     python bench/bench_caption.py --model /path/to/blip-image-captioning-base
+    python bench/bench_caption.py --memory        # peak memory: 4 photos of 8000x6000, reduced decoding on/off
 
 Without --model it builds BLIP with the blip-image-captioning-base layout (BlipConfig
 defaults, 224 M parameters) and random weights, so nothing is downloaded. Random weights
@@ -13,13 +14,23 @@ Theirs: `pipeline("image-text-to-text")` (transformers 5; "image-to-text" in 4.x
 once per image file, as a typical script does. Both get the same generation settings. The
 two are timed in alternating chunks of images, so load from other processes on the machine
 falls on both alike; wall time and this process's CPU time are reported.
+
+--memory captions big JPEGs with `caption_folder` twice, each in a fresh process: with the
+engine's reduced decoding (each photo opened at twice the processor's input) and with it off
+(captioning.REDUCED_DECODE = False: full-size photos in the batch, as before). It reports
+how far the process's peak resident memory rose above its level after loading the model.
+Without --model it uses a small random BLIP with the real 384-px processor, so the figures
+are about the images, not the weights.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,8 +73,11 @@ def make_photos(folder: str, count: int, size: int, chunk: int, seed: int = 0) -
     return chunks
 
 
-def save_random_blip_base(folder: str) -> str:
-    """blip-image-captioning-base's layout with random weights and a made-up 30522-word vocabulary."""
+def save_random_blip_base(folder: str, small: bool = False) -> str:
+    """blip-image-captioning-base's layout with random weights and a made-up 30522-word vocabulary.
+
+    small: 2 layers of width 64 on both sides, same 384-px processor and vocabulary (fast, light).
+    """
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
     try:
         from transformers import BlipImageProcessorPil as image_processor_class
@@ -81,7 +95,13 @@ def save_random_blip_base(folder: str) -> str:
             f.write("\n".join(vocab) + "\n")
         tokenizer = BertTokenizer(vocab_file=path, bos_token="[DEC]")
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # id 30522, as in the real repository
-    config = BlipConfig(vision_config={"initializer_range": 0.02})  # the default 1e-10 ignores the image
+    vision = {"initializer_range": 0.02}  # the default 1e-10 ignores the image
+    text = {}
+    if small:
+        width = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+        vision.update(width)
+        text.update(width, encoder_hidden_size=64)
+    config = BlipConfig(vision_config=vision, text_config=text, projection_dim=64 if small else 512)
     assert config.text_config.bos_token_id == tokenizer.convert_tokens_to_ids("[DEC]")
     torch.manual_seed(0)
     BlipForConditionalGeneration(config).save_pretrained(folder)
@@ -115,8 +135,11 @@ class Clock:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=50)
-    ap.add_argument("--size", type=int, default=2000, help="width of the photos in pixels (4:3)")
+    ap.add_argument("--memory", action="store_true", help="measure peak memory with reduced decoding on and off")
+    ap.add_argument("--memory-child", choices=["on", "off"], help=argparse.SUPPRESS)  # one measured run
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--images", type=int, help="photos (default: 50; 4 with --memory)")
+    ap.add_argument("--size", type=int, help="width of the photos in pixels, 4:3 (default: 2000; 8000 with --memory)")
     ap.add_argument("--model", help="a BLIP folder (default: random weights, base layout)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--beams", type=int, default=3)
@@ -125,10 +148,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the figures to this file too")
     ap.add_argument("--keep", action="store_true", help="keep the temporary photos and model")
     args = ap.parse_args(argv)
+    if args.memory_child:
+        return memory_child(args)
+    args.images = args.images or (4 if args.memory else 50)
+    args.size = args.size or (8000 if args.memory else 2000)
 
     work = tempfile.mkdtemp(prefix="bench_caption_")
     try:
-        return run(args, work)
+        return memory(args, work) if args.memory else run(args, work)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -193,6 +220,88 @@ def run(args, work: str) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
+    return 0
+
+
+# ---- peak memory ----------------------------------------------------------------------
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+    except (OSError, AttributeError):
+        return None
+
+
+def _reset_peak() -> bool:
+    """Set the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux 4.0+)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb() -> float:
+    kb = _status_kb("VmHWM")
+    if kb is None:  # not Linux: the peak since the process started
+        import resource
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+    return kb / 1024
+
+
+def make_big_photos(folder: str, count: int, size: int) -> None:
+    """Photo-like JPEGs of `size` px width: make_photos' pictures upscaled (the memory, not the detail, matters)."""
+    small = make_photos(os.path.join(folder, "small"), count, 1000, count)[0]
+    for i, path in enumerate(small):
+        with Image.open(path) as img:
+            img.resize((size, size * 3 // 4), Image.Resampling.BICUBIC).save(
+                os.path.join(folder, f"big_{i:02d}.jpg"), quality=90)
+    shutil.rmtree(os.path.join(folder, "small"))
+
+
+def memory(args, work: str) -> int:
+    folder = os.path.join(work, "big")
+    t = time.perf_counter()
+    make_big_photos(folder, args.images, args.size)
+    print(f"made {args.images} JPEGs of {args.size}x{args.size * 3 // 4} in {time.perf_counter() - t:.1f} s")
+    model_path = args.model or save_random_blip_base(os.path.join(work, "blip-small"), small=True)
+    figures = {"images": args.images, "size": [args.size, args.size * 3 // 4], "batch_size": args.batch_size,
+               "model": args.model or "small random BLIP, 384-px processor"}
+    for mode in ("off", "on"):  # each in a fresh process: a peak cannot be measured twice in one
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", mode, "--folder", folder,
+               "--model", model_path, "--batch-size", str(args.batch_size), "--beams", str(args.beams),
+               "--min-length", str(args.min_length), "--max-length", str(args.max_length)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        figures[f"reduced_decode_{mode}"] = run_figures = json.loads(out.strip().splitlines()[-1])
+        print(f"reduced decoding {mode:>3}: peak +{run_figures['peak_above_loaded_mb']:.0f} MB above the loaded "
+              f"model ({run_figures['loaded_mb']:.0f} MB), {run_figures['wall_s']:.1f} s")
+    off, on = figures["reduced_decode_off"], figures["reduced_decode_on"]
+    print(f"peak memory for captioning: {off['peak_above_loaded_mb']:.0f} MB -> {on['peak_above_loaded_mb']:.0f} MB; "
+          f"time {off['wall_s']:.1f} s -> {on['wall_s']:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    return 0
+
+
+def memory_child(args) -> int:
+    """One measured caption_folder run; prints its figures as a JSON line."""
+    captioning.REDUCED_DECODE = args.memory_child == "on"
+    captioner = captioning.load_blip(os.path.abspath(args.model), device="cpu", dtype="fp32")
+    settings = dict(num_beams=args.beams, min_length=args.min_length, max_length=args.max_length)
+    captioning.caption_images(captioner, [Image.new("RGB", (384, 384))], **settings)  # first-call allocations
+    gc.collect()
+    loaded = _status_kb("VmRSS")
+    exact = _reset_peak()
+    t = time.perf_counter()
+    report = captioning.caption_folder(captioner, args.folder, policy="overwrite", batch_size=args.batch_size,
+                                       **settings)
+    wall, peak = time.perf_counter() - t, _peak_mb()
+    loaded_mb = (loaded or 0) / 1024  # 0 where /proc is missing: the figure is then the whole peak
+    print(json.dumps({"captions": len(report.written), "wall_s": wall, "loaded_mb": loaded_mb, "peak_mb": peak,
+                      "peak_above_loaded_mb": peak - loaded_mb, "peak_is_since_start": not exact}))
     return 0
 
 

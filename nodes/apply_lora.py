@@ -27,14 +27,30 @@ class ApplyTrainedLoRA:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, lora_name=None, trained_lora=None, **_):
-        return True  # a just-trained file is not in the dropdown list cached at start-up
+    def VALIDATE_INPUTS(cls, lora_name, input_types):
+        # Only lora_name is ours to check: with trained_lora linked it is not used (and a freshly shared
+        # workflow may name a file this server lacks); otherwise it must be in models/loras, as LoraLoader
+        # demands. Naming input_types makes ComfyUI leave the link types to us, so they are checked here.
+        try:
+            from comfy_execution.validation import validate_node_input  # type: ignore
+        except ImportError:  # an older ComfyUI
+            def validate_node_input(received, expected):
+                return received in (expected, "*")
+        declared = {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES()["optional"]}
+        for name, received in input_types.items():
+            expected = declared.get(name, (None,))[0]
+            if isinstance(expected, str) and not validate_node_input(received, expected):
+                return f"{name} takes {expected}, not {received}"
+        if "trained_lora" in input_types or lora_name in host.list_models("loras"):
+            return True
+        return f"LoRA '{lora_name}' is not in models/loras; pick one from the list or link Train LoRA's lora_name"
 
     def apply(self, model, clip, lora_name, strength_model, strength_clip, trained_lora=None):
+        # Names resolve inside models/loras as in LoraLoader: a linked '../x' or absolute path cannot leave it.
+        path = host.resolve_model("loras", trained_lora or lora_name)
         import comfy.sd  # type: ignore
         import comfy.utils  # type: ignore
 
-        path = host.resolve_model("loras", trained_lora or lora_name)
         lora = comfy.utils.load_torch_file(path, safe_load=True)
         return comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)
 

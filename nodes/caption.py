@@ -6,7 +6,7 @@ pack stays cheap; transformers is imported only when a caption is asked for.
 from __future__ import annotations
 
 from ..trainers import host
-from .paths import folder_fingerprint, input_folder
+from .paths import folder_fingerprint, node_folder
 
 CATEGORY = "Personalize/dataset"
 HUB_CHOICE = "(use hub id)"
@@ -42,7 +42,7 @@ def _generation_inputs() -> dict:
         "num_beams": ("INT", {"default": 3, "min": 1, "max": 16, "tooltip": "Beams for beam search (1: greedy)."}),
         "min_length": ("INT", {"default": 5, "min": 0, "max": 200, "tooltip": "Minimum caption length in tokens."}),
         "max_length": ("INT", {"default": 30, "min": 1, "max": 200, "tooltip": "Maximum caption length in tokens."}),
-        "batch_size": ("INT", {"default": 8, "min": 1, "max": 128, "tooltip": "Images captioned together; "
+        "batch_size": ("INT", {"default": 8, "min": 1, "max": 32, "tooltip": "Images captioned together; "
                                                                            "lower it if memory runs out."}),
         "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed for sampling."}),
         "device": (["auto", "cpu", "cuda", "mps"], {"tooltip": "auto: the device ComfyUI uses."}),
@@ -125,12 +125,12 @@ class BlipCaptionFolder:
         # New or changed photos re-run it; the .txt files it writes itself do not.
         from ..trainers.images import IMAGE_EXTENSIONS
 
-        return folder_fingerprint(input_folder(folder), extensions=IMAGE_EXTENSIONS)
+        return folder_fingerprint(folder, extensions=IMAGE_EXTENSIONS, write=True)
 
     def caption(self, folder, policy, **kw):
         from ..trainers import captioning
 
-        folder = input_folder(folder)
+        folder = node_folder(folder, "Caption folder", write=True)  # caption files are written there
         captioner = _load(kw)
         bar = host.Progress(1)
 

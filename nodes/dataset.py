@@ -10,7 +10,7 @@ from ..trainers import host
 from ..trainers.dataset_build import MODES, BuildSettings, build_from_folder, build_from_images
 from ..trainers.preview_grid import dataset_preview
 from .convert import image_to_pil, pil_to_image
-from .paths import folder_fingerprint, input_folder
+from .paths import folder_fingerprint, node_dataset, node_folder
 
 CATEGORY = "Personalize/dataset"
 _D = BuildSettings()
@@ -105,11 +105,12 @@ class BuildDataset:
     def IS_CHANGED(cls, folder=None, class_images_folder="", **kw):
         if folder is None:  # linked from another node: that node decides
             return ""
-        return folder_fingerprint(input_folder(folder), input_folder(class_images_folder))
+        return folder_fingerprint(folder, class_images_folder)
 
     def build(self, folder, name, class_images_folder="", preview_images=16, **kw):
-        folder = input_folder(folder)
-        result = build_from_folder(folder, name, _settings(kw), class_images=class_images_folder or None,
+        folder = node_folder(folder, "Image folder")
+        class_images = node_folder(class_images_folder, "Class-images folder") or None
+        result = build_from_folder(folder, name, _settings(kw), class_images=class_images,
                                    progress=_bar_progress())
         return _outputs(result, preview_images)
 
@@ -139,7 +140,8 @@ class BuildDatasetFromImages:
         if len(captions) == 1 and len(pil) > 1:  # one text with a caption per line
             captions = [line.strip() for line in captions[0].splitlines() if line.strip()]
         result = build_from_images(pil, captions, kw.pop("name"), _settings(kw),
-                                   class_images=kw.get("class_images_folder") or None, progress=_bar_progress())
+                                   class_images=node_folder(kw.get("class_images_folder"), "Class-images folder") or None,
+                                   progress=_bar_progress())
         return _outputs(result, kw.get("preview_images", 16))
 
 
@@ -159,7 +161,8 @@ class PreviewDataset:
                                               "tooltip": "Thumbnail size in pixels."})}}
 
     def preview(self, dataset, max_images, columns, cell):
-        return (pil_to_image(dataset_preview(dataset["path"], max_images=max_images, columns=columns, cell=cell)),)
+        folder = node_dataset(dataset)
+        return (pil_to_image(dataset_preview(folder, max_images=max_images, columns=columns, cell=cell)),)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -6,7 +6,7 @@ import os
 from ..trainers import host
 from ..trainers.config import CROPS, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULERS, TrainConfig
 from .convert import blank_image, pil_to_image
-from .paths import input_folder
+from .paths import node_dataset, node_folder
 
 _D = TrainConfig()  # the engine's defaults are the node's defaults
 
@@ -57,7 +57,7 @@ class TrainLoRA:
                 "save_every": ("INT", {"default": _D.save_every, "min": 0, "max": 100000, "tooltip": "Write a resumable checkpoint every N steps (0: only at the end or on Cancel)."}),
                 "validation_prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "Optional prompt rendered during training to watch progress, e.g. 'a photo of sks dog on the beach'."}),
                 "validation_every": ("INT", {"default": _D.validation_every, "min": 0, "max": 100000, "tooltip": "Render the validation prompt every N steps (0: only at the end)."}),
-                "resume": ("BOOLEAN", {"default": _D.resume, "tooltip": "Continue the latest unfinished (cancelled) run with this output name instead of starting over."}),
+                "resume": ("BOOLEAN", {"default": _D.resume, "tooltip": "Continue the latest unfinished (cancelled) run of this output name, if it used the same dataset and base model; otherwise a new run starts and the node says why."}),
                 "dataset": ("DATASET", {"tooltip": "A dataset from 'Build Dataset'; overrides dataset_folder."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
@@ -68,7 +68,7 @@ class TrainLoRA:
 
         from ..trainers.train import train
 
-        folder = dataset["path"] if isinstance(dataset, dict) else input_folder(dataset_folder)
+        folder = node_dataset(dataset) if dataset is not None else node_folder(dataset_folder, "Dataset folder")
         cfg = TrainConfig(base_model=ckpt_name, dataset=folder, output_name=output_name, **knobs)
         # ComfyUI runs every node under torch.inference_mode(): training needs autograd back.
         with torch.inference_mode(False), torch.enable_grad():
@@ -76,7 +76,8 @@ class TrainLoRA:
         loss_img = result.loss_image()
         lora_name = os.path.relpath(result.lora_path, host.model_dirs("loras")[0]).replace(os.sep, "/")
         valid = pil_to_image(result.validation_image) if result.validation_image is not None else blank_image()
-        return {"ui": {"text": [f"{lora_name}: {result.steps} steps, run folder {result.run_dir}"]},
+        text = "\n".join([f"{lora_name}: {result.steps} steps, run folder {result.run_dir}", *result.notes])
+        return {"ui": {"text": [text]},
                 "result": (lora_name, pil_to_image(loss_img), valid)}
 
 

@@ -47,10 +47,12 @@ def comfy(toy_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> str:
+def photos(comfy) -> str:
+    """Photos in ComfyUI's input folder (the only place a graph may read them from), named relative to it."""
     from trainers.demo import make_photos
 
-    return make_photos(str(tmp_path_factory.mktemp("photos")), count=3, size=96)
+    make_photos(os.path.join(comfy.input_dir, "photos"), count=3, size=96)
+    return "photos"
 
 
 def train_inputs(photos: str, output_name: str, **over) -> dict:
@@ -269,11 +271,12 @@ def test_cancel_keeps_a_checkpoint_and_resume_continues_it(comfy, photos):
 
 # --- shipped workflows ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_blip(tmp_path_factory) -> str:
-    """A tiny random BLIP folder, given to the workflows' caption nodes in place of a real one."""
+def tiny_blip(comfy) -> str:
+    """A tiny random BLIP folder in models/blip, picked in the workflows' caption nodes in place of a real one."""
     from test_captioning import save_tiny_blip
 
-    return save_tiny_blip(str(tmp_path_factory.mktemp("blip") / "tiny-blip"))
+    save_tiny_blip(os.path.join(comfy.model_folder("blip"), "tiny-blip"))
+    return "tiny-blip"
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "workflows", "*.json"))), ids=os.path.basename)
@@ -293,7 +296,7 @@ def test_shipped_workflow_runs(comfy, photos, tiny_blip, path):
         if kind in ("KSampler", "KSamplerAdvanced"):
             inputs["steps"] = 2
         if "hub_id" in inputs:  # BLIP nodes: a local tiny model instead of a download
-            inputs["hub_id"] = tiny_blip
+            inputs.update(model=tiny_blip, hub_id="")
         if kind.startswith("PersonalizeBlipCaptionFolder") or (kind == "PersonalizeBuildDataset"
                                                               and isinstance(inputs.get("folder"), str)):
             inputs["folder"] = photos

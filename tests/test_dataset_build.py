@@ -552,11 +552,14 @@ def test_command_line_builds_and_writes_a_preview(tmp_path, capsys):
     src = _bucket_folder(tmp_path / "src")
     code = main(["--output-dir", str(tmp_path / "cli_out"), "build-dataset", str(src), "--name", "cli",
                  "--mode", "buckets", "--resolution", "64", "--bucket-step", "16", "--repeats", "2",
-                 "--preview", str(tmp_path / "grid.png")])
+                 "--preview", str(tmp_path / "cli_out" / "grid.png")])
     assert code == 0
     value = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert value["path"] == str(tmp_path / "cli_out" / "personalize" / "datasets" / "cli") and value["count"] == 4
-    assert Image.open(tmp_path / "grid.png").size[0] > 0
+    assert Image.open(tmp_path / "cli_out" / "grid.png").size[0] > 0
+    assert main(["--output-dir", str(tmp_path / "cli_out"), "build-dataset", str(src), "--preview",
+                 str(tmp_path / "elsewhere.png")]) == 2  # writes stay inside the output folder
+    assert not (tmp_path / "elsewhere.png").exists()
     assert main(["build-dataset", str(tmp_path / "missing")]) == 2
 
 

@@ -44,3 +44,16 @@ def nearest_bucket(width: int, height: int, buckets) -> tuple[int, int]:
     ratio = math.log(width / height)
     # Ties go to the larger bucket (less upscaling), then the first in the sorted set.
     return min(buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - ratio), 9), -b[0] * b[1]))
+
+
+def scale_bucket(bucket, built_resolution: int, resolution: int) -> tuple[int, int]:
+    """A bucket made for `built_resolution`, resized for training at `resolution` with its aspect ratio kept.
+
+    Sides round to multiples of 64 from 512 px up, the builder's default step (whole latent cells at
+    the UNet's deepest level), and to multiples of 8 below, where a 64 step would turn most buckets
+    into squares (diffusers' UNet handles any multiple of 8); a side is never below one step.
+    """
+    step = 64 if resolution >= 512 else 8
+    scale = resolution / built_resolution
+    width, height = (max(step, round(side * scale / step) * step) for side in bucket)
+    return width, height

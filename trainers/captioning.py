@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import host, safe_io
-from .images import ImageError, list_images, open_rgb
+from . import host, path_policy, safe_io
+from .images import ImageError, list_images, open_rgb, shrink
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ _MODEL_MARKERS = ("config.json",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 SHARED_CROSS_CACHE = True  # see _beam_cache; False gives transformers' own beam-search cache
+REDUCED_DECODE = True  # see decode_side; False hands BLIP full-size images (bench/bench_caption.py --memory)
+DEFAULT_INPUT_SIDE = 384  # BLIP's processor input; BLIP-2's is 224
 
 
 class CaptionError(ValueError):
@@ -73,20 +75,27 @@ def _where_to_put_it() -> str:
 
 
 def resolve_source(name_or_path: str) -> tuple[str, bool]:
-    """(folder path or hub id, is_local): a local folder first, a hub id only as typed."""
+    """(folder path or hub id, is_local): a local folder first, a hub id only as typed.
+
+    In the server a typed path must be inside ComfyUI's folders and a hub id is used only when
+    the owner allowed downloads (path_policy); the command line may name any folder.
+    """
     name = (name_or_path or "").strip()
     if not name:
         raise CaptionError(f"No BLIP model was chosen. {_where_to_put_it()}, or type a hub id.")
     name = os.path.expanduser(name)
+    local_tool = not path_policy.server_rules()
     if os.path.isabs(name):
-        path = name
+        path = name if local_tool else path_policy.node_path(name, "BLIP model folder")
     else:
         try:
             path = host.resolve_model(BLIP_FOLDER, name)
         except FileNotFoundError:
-            if os.path.isdir(name):  # a relative path typed on the command line
+            if local_tool and os.path.isdir(name):  # a relative path typed on the command line
                 path = os.path.abspath(name)
             elif _HUB_ID.match(name):
+                if not path_policy.hub_allowed():
+                    raise CaptionError(path_policy.hub_refusal(name)) from None
                 return name, False
             else:
                 raise CaptionError(f"BLIP model '{name}' was not found. {_where_to_put_it()}, "
@@ -257,6 +266,21 @@ def _beam_cache(model):
         return None
 
 
+def decode_side(captioner: BlipCaptioner) -> int | None:
+    """The shorter side images are reduced to before batching: twice the processor's input.
+
+    The processor squashes every image to its input size anyway (384 px for BLIP), so more
+    pixels only cost memory: a 48-MP photo is 144 MB decoded. At twice the input, the
+    processor's own antialiased resize stays the last step. None: no reduction (REDUCED_DECODE off).
+    """
+    if not REDUCED_DECODE:
+        return None
+    size = getattr(getattr(captioner.processor, "image_processor", None), "size", None)
+    if hasattr(size, "get"):  # a dict or transformers 5's SizeDict: {"height", "width"} or {"shortest_edge"}
+        size = max(size.get(k) or 0 for k in ("height", "width", "shortest_edge"))
+    return 2 * (size if isinstance(size, int) and size > 0 else DEFAULT_INPUT_SIDE)
+
+
 def _generate(captioner: BlipCaptioner, batch: list[Image.Image], prompt: str, gen_kwargs: dict) -> list[str]:
     model, processor = captioner.model, captioner.processor
     if captioner.kind == "blip" and gen_kwargs["num_beams"] > 1:
@@ -302,7 +326,8 @@ def caption_images(captioner: BlipCaptioner, images: list[Image.Image], prefix_p
     `prefix_prompt` ("a photo of") conditions BLIP and is not repeated in the result. Lengths
     count caption tokens; max wins over min. Beam search unless `do_sample` (top-p, seeded).
     progress(done, total) follows each batch; check_interrupt() (default: the host's Cancel)
-    is called before each batch and after each generated token.
+    is called before each batch and after each generated token. Big images are shrunk to
+    `decode_side` first; smaller ones are used as they are.
     """
     check = check_interrupt or host.check_interrupt
     gen_kwargs = dict(num_beams=max(1, int(num_beams)), do_sample=bool(do_sample),
@@ -317,10 +342,12 @@ def caption_images(captioner: BlipCaptioner, images: list[Image.Image], prefix_p
         raise CaptionError(f"The BLIP model from '{captioner.source}' was unloaded; load it again.")
     captioner.managed.use()  # back on its device if ComfyUI offloaded it
     seeded = _seeded(seed, captioner.device) if do_sample and seed is not None else contextlib.nullcontext()
+    side = decode_side(captioner)
     with torch.inference_mode(), seeded:
         for start in range(0, len(images), batch_size):
             check()
             batch = [img.convert("RGB") if img.mode != "RGB" else img for img in images[start:start + batch_size]]
+            batch = [shrink(img, side) for img in batch] if side else batch
             captions += _generate(captioner, batch, prompt, gen_kwargs)
             if progress is not None:
                 progress(len(captions), len(images))
@@ -350,7 +377,7 @@ def caption_path(image_path: str) -> str:
 
 def read_caption(path: str) -> str:
     """The caption in `path` ('' when missing); a BOM or stray line breaks do not matter."""
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or not path_policy.readable(path):  # a link out is not read (nor appended to)
         return ""
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         return clean_caption(f.read())
@@ -364,7 +391,8 @@ def caption_folder(captioner: BlipCaptioner, folder: str, policy: str = "keep", 
     keep: images that already have a non-empty caption are left alone (the model never sees
     them); overwrite: replace it; append: add the new caption after the old one. Each file is
     written atomically once its batch is done, so a Cancel leaves only complete files.
-    Unreadable images are skipped with the reason logged and reported.
+    Unreadable images are skipped with the reason logged and reported. Each image is decoded
+    at reduced size (`decode_side`) as it is opened, so a batch of big photos stays small.
     """
     if policy not in POLICIES:
         raise CaptionError(f"Unknown caption policy '{policy}': use one of {', '.join(POLICIES)}.")
@@ -389,13 +417,14 @@ def caption_folder(captioner: BlipCaptioner, folder: str, policy: str = "keep", 
 
     check = check_interrupt or host.check_interrupt
     batch_size = max(1, int(batch_size))
+    side = decode_side(captioner)
     done = 0
     for start in range(0, len(todo), batch_size):
         check()
         batch_paths, images = [], []
         for path in todo[start:start + batch_size]:
             try:
-                images.append(open_rgb(path))
+                images.append(open_rgb(path, max_short_side=side))
                 batch_paths.append(path)
             except ImageError as e:
                 log.warning("Skipping %s: %s", path, e.reason)

@@ -28,9 +28,11 @@ def _config_from_args(args) -> TrainConfig:
     if args.config:
         data.update(TrainConfig.from_json(args.config).to_dict())
     for item in args.set or []:
-        key, _, value = item.partition("=")
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} needs the form KEY=VALUE, e.g. --set steps=200.")
         data[key.strip()] = _parse_value(value)
-    return TrainConfig.from_dict(data)
+    return TrainConfig.from_dict(data)  # checks every value's type: --set rank=x names rank
 
 
 def _train(args) -> int:

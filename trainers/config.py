@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 
 METHODS = ("lora",)  # DreamBooth and DreamBooth+LoRA use the same loop; they land with their issue.
@@ -16,6 +18,17 @@ SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 
 class ConfigError(ValueError):
     pass
+
+
+_EXPECTED = {int: "a whole number", float: "a finite number", bool: "true or false", str: "a string",
+             dict: "a JSON object"}
+
+
+def _fits(value, kind) -> bool:
+    """isinstance, except that a bool is no number here and an int is a fine float."""
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
 
 
 @dataclass
@@ -65,11 +78,25 @@ class TrainConfig:
     validation_every: int = 200  # 0: only at the end
     validation_steps: int = 20  # sampler steps per validation image
     validation_seed: int = 1234
-    resume: bool = True  # continue the latest unfinished run of this name, if any
+    resume: bool = True  # continue the latest unfinished run of this name, if made from the same dataset and base
     log_every: int = 1
     extra: dict = field(default_factory=dict)  # metadata passed through to the saved file
 
+    def check_types(self) -> "TrainConfig":
+        """Every field has its annotated type and floats are finite (JSON and --set can give anything)."""
+        defaults = type(self)()
+        for name, kind in typing.get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            if not _fits(value, kind) or (kind is float and not math.isfinite(value)):
+                raise ConfigError(f"{name}={value!r} is not valid: {name} must be {_EXPECTED[kind]}, "
+                                  f"e.g. {getattr(defaults, name)!r}.")
+            if kind is float:
+                setattr(self, name, float(value))  # JSON's 1 for 1.0
+        return self
+
     def validate(self) -> "TrainConfig":
+        self.check_types()
+
         def choice(name, options):
             if getattr(self, name) not in options:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(options)}.")
@@ -89,9 +116,13 @@ class TrainConfig:
             lo = max(64, self.resolution // 8 * 8)
             raise ConfigError(f"resolution {self.resolution} must be a multiple of 8 and at least 64: "
                               f"use {lo} or {lo + 8}.")
-        for name in ("rank", "steps", "batch_size", "grad_accum"):
+        for name in ("rank", "steps", "batch_size", "grad_accum", "validation_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)}).")
+        for name in ("unet_lr", "text_encoder_lr", "weight_decay", "max_grad_norm", "min_snr_gamma", "noise_offset",
+                     "warmup_steps", "save_every", "validation_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative (got {getattr(self, name)}).")
         if self.alpha <= 0:
             raise ConfigError(f"alpha must be positive (got {self.alpha}); alpha = rank means scale 1.")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -107,12 +138,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"A run config must be a JSON object of settings, got {type(data).__name__}.")
         data = {k: v for k, v in data.items() if k != "resolved"}  # what a run folder's config.json adds
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**data).check_types()
 
     @classmethod
     def from_json(cls, path: str) -> "TrainConfig":

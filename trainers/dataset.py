@@ -6,6 +6,7 @@ from the stored distribution (mean + std * noise), as kohya and diffusers do.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import path_policy
 from .host import check_interrupt
 from .images import ImageError, check_image, list_images, open_rgb
 
@@ -41,6 +43,9 @@ class TrainItem:
 
 def read_caption(path: str) -> str:
     """A caption file's lines, stripped and joined with ", "."""
+    if not path_policy.readable(path):
+        raise DatasetError(f"Caption file '{path}' is a link to a file outside ComfyUI's input, output, temp "
+                           f"and model folders; replace the link with the caption text.")
     try:
         with open(path, encoding="utf-8-sig") as f:
             lines = [line.strip() for line in f.read().splitlines()]
@@ -85,6 +90,9 @@ def _manifest_entries(folder: str, manifest: str) -> tuple[list[tuple[str, str, 
             skipped.append((f"{manifest} item {n}", "no 'image' path"))
             continue
         path = os.path.normpath(os.path.join(folder, image))
+        if not path_policy.is_inside(path, [os.path.realpath(folder)]):  # absolute, '../' or a link out
+            skipped.append((f"{manifest} item {n}", "its image is not inside the dataset folder"))
+            continue
         if not os.path.isfile(path):
             skipped.append((path, "listed in manifest.json but the file is missing"))
             continue
@@ -201,12 +209,16 @@ def prepare_pixels(img: Image.Image, resolution: int, crop: str = "center") -> t
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def bucket_pixels(img: Image.Image, bucket, path: str = "<image>") -> torch.Tensor:
-    """A prepared image as a [3,H,W] tensor in [-1, 1] at its bucket size (resized only if it was edited)."""
+def bucket_pixels(img: Image.Image, bucket, path: str = "<image>", rescaled: bool = False) -> torch.Tensor:
+    """A prepared image as a [3,H,W] tensor in [-1, 1] at its bucket size (resized only if it was edited).
+
+    rescaled: the bucket was scaled to another training resolution on purpose; resize without a warning.
+    """
     w, h = bucket
     img = img if img.mode == "RGB" else img.convert("RGB")
-    if img.size != (w, h):  # the builder wrote it at this size; someone changed the file since
+    if img.size != (w, h) and not rescaled:  # the builder wrote it at this size; someone changed the file since
         log.warning("%s is %dx%d, not its bucket %dx%d: resized; rebuild the dataset.", path, *img.size, w, h)
+    if img.size != (w, h):
         scale = max(w / img.width, h / img.height)
         bw, bh = w / scale, h / scale
         left, top = (img.width - bw) / 2, (img.height - bh) / 2
@@ -246,7 +258,7 @@ class LatentCache:
     @classmethod
     @torch.no_grad()
     def build(cls, items, vae, resolution: int, crop: str = "center", flip: bool = False, device="cpu",
-              dtype=torch.float32, batch_size: int = 4, progress=None) -> "LatentCache":
+              dtype=torch.float32, batch_size: int = 4, progress=None, rescaled: bool = False) -> "LatentCache":
         """Encode `items` (TrainItems or paths) with `vae`, which must already sit on `device` in `dtype`.
 
         Latents are scaled by vae.config.scaling_factor (and shifted by shift_factor if the
@@ -255,6 +267,7 @@ class LatentCache:
         Items with a bucket (prepared by the dataset builder) are encoded at their bucket size
         as they are, never cropped: their samples are the whole latent, and a batch must hold
         items of one bucket (see bucket_batch_indices). `resolution` and `crop` apply to the others.
+        rescaled: the buckets were scaled to another resolution on purpose (no "file changed" warning).
         """
         resolution = check_resolution(resolution)
         if crop not in CROP_MODES:
@@ -293,7 +306,7 @@ class LatentCache:
         for i, path in enumerate(paths):
             check_interrupt()
             img = open_rgb(path)
-            px = bucket_pixels(img, buckets[i], path) if buckets[i] else prepare_pixels(img, resolution, crop)
+            px = bucket_pixels(img, buckets[i], path, rescaled) if buckets[i] else prepare_pixels(img, resolution, crop)
             batch = pending.setdefault(tuple(px.shape), [])
             for v in range(views):
                 batch.append((i, v, px.flip(-1) if v else px))  # flip pixels, not latents
@@ -435,3 +448,33 @@ def _bucket_epoch(buckets: tuple, repeats: tuple, batch_size: int, epoch: int, s
                 chunk = np.concatenate([chunk, np.resize(order, batch_size - len(chunk))])
             batches.append(tuple(int(i) for i in chunk))
     return [batches[j] for j in rng.permutation(len(batches))]
+
+
+# ---- what was trained ------------------------------------------------------------------
+
+def built_resolution(folder) -> int | None:
+    """The resolution a built dataset's images were prepared at (its manifest settings); None for a plain folder."""
+    manifest = os.path.join(os.path.abspath(os.path.expanduser(os.fspath(folder or ""))), MANIFEST_NAME)
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            value = json.load(f)["settings"]["resolution"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def dataset_fingerprint(items, folder) -> str:
+    """sha256 over the training items as trained, in sorted order: path relative to `folder`, the image
+    file's content sha256, the caption (trigger word included), bucket and repeats.
+
+    Equal fingerprints mean the same training data, wherever the folder was moved.
+    """
+    folder = os.path.abspath(os.path.expanduser(os.fspath(folder or "")))
+    records = []
+    for it in items:
+        with open(it.path, "rb") as f:
+            content = hashlib.sha256(f.read()).hexdigest()
+        relative = os.path.relpath(it.path, folder).replace(os.sep, "/")
+        records.append(json.dumps([relative, content, it.caption, list(it.bucket) if it.bucket else None,
+                                   it.repeats]))
+    return hashlib.sha256("\n".join(sorted(records)).encode("utf-8")).hexdigest()

@@ -12,11 +12,18 @@ aspect-ratio bucket) or padded, resized with Lanczos and saved as PNG in
 A rebuild with the same inputs reuses everything: an output is named after the content
 hash of its source and the pixel settings, so unchanged images are neither decoded nor
 written again and the folder ends up byte-identical.
+
+One bad file never stops a build: an unreadable image, or one whose outputs cannot be
+written, is skipped with its reason in the manifest. Output names are cut to a byte length
+any file system takes; file names that are not valid UTF-8 keep their bytes as \\xNN in the
+manifest. A build that fails removes the folder it created; a cancelled one keeps it, so
+the next build resumes it.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import itertools
@@ -24,6 +31,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import face_crop, host, phash, safe_io
+from . import face_crop, host, path_policy, phash, safe_io
 from .buckets import make_buckets, nearest_bucket
 from .dataset import MANIFEST_NAME, DatasetError, check_resolution, read_caption
 from .images import ImageError, list_images, to_rgb
@@ -120,15 +128,15 @@ def folder_sources(folder: str, caption_ext: str = ".txt") -> tuple[list[Source]
     paths, skipped = list_images(folder)
     sources = []
     for path in paths:
-        src = Source(label=path, stem=_stem(os.path.basename(path)), path=path)
+        src = Source(label=_shown(path), stem=_stem(os.path.basename(path)), path=path)
         caption_path = os.path.splitext(path)[0] + caption_ext
         if os.path.isfile(caption_path):
             try:
                 src.caption = read_caption(caption_path)
             except DatasetError as e:
-                src.warnings.append(f"{_BAD_CAPTION}: {e}")
+                src.warnings.append(_shown(f"{_BAD_CAPTION}: {e}"))
         sources.append(src)
-    return sources, skipped
+    return sources, [(_shown(path), _shown(reason)) for path, reason in skipped]
 
 
 def image_sources(images, captions) -> list[Source]:
@@ -143,7 +151,18 @@ def image_sources(images, captions) -> list[Source]:
 
 
 def _stem(name: str) -> str:
-    return safe_io.sanitize_name(os.path.splitext(name)[0], default="image")[:80]
+    # Bytes, not characters: 80 emoji are 320 bytes, and most file systems allow 255 per name.
+    return safe_io.sanitize_name(os.path.splitext(name)[0], default="image", max_bytes=80)
+
+
+def _shown(text: str) -> str:
+    """`text` with the bytes of a non-UTF-8 file name (lone surrogates from os.listdir) as \\xNN:
+    a label that UTF-8 files, JSON and logs accept."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates no file name decodes to
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 # ---- one image -------------------------------------------------------------------------
@@ -333,19 +352,24 @@ def build_from_folder(folder, name: str = "", settings: BuildSettings | None = N
         raise DatasetBuildError(f"Image folder '{folder}' does not exist. Give the full path of a folder of images "
                                 f"(with optional same-name .txt captions).")
     sources, skipped = folder_sources(folder, kw.pop("caption_ext", ".txt"))
-    source = {"kind": "folder", "path": os.path.realpath(folder)}
+    source = {"kind": "folder", "path": _shown(os.path.realpath(folder))}
     return build(sources, source, name or os.path.basename(folder), settings, skipped=skipped, **kw)
 
 
 def build_from_images(images, captions, name: str = "", settings: BuildSettings | None = None, **kw) -> BuildResult:
     """Build a dataset from PIL images and their captions (a ComfyUI IMAGE batch).
 
-    Every image-batch build of a name shares that name's folder: building again replaces it.
+    The pixels of all images, in order, identify the dataset: the same images rebuild into
+    their folder (new captions replace the old), different images under a used name go to
+    name_2, name_3...
     """
     if not images:
         raise DatasetBuildError("No images were given.")
-    return build(image_sources(images, captions), {"kind": "images", "path": None}, name or "dataset",
-                 settings, **kw)
+    sources = image_sources(images, captions)
+    pixels = hashlib.sha256()
+    for src in sources:
+        pixels.update(src.read())  # each starts with its shape: the sequence is unambiguous
+    return build(sources, {"kind": "images", "sha256": pixels.hexdigest()}, name or "dataset", settings, **kw)
 
 
 def build(sources: list[Source], source: dict, name: str, settings: BuildSettings | None = None, *,
@@ -359,11 +383,20 @@ def build(sources: list[Source], source: dict, name: str, settings: BuildSetting
     progress: callable(done, total).
     """
     settings = (settings or BuildSettings()).validate()
+    classes = _check_class_images(class_images)  # before claiming: a wrong setting creates no folder
+    out, created = _claim_folder(root or default_root(), name, source)
+    try:
+        return _build_into(out, sources, source, name, settings, classes, detector, workers, skipped, progress)
+    except BaseException as e:
+        if created and not host.is_interrupt(e):  # a cancelled build keeps its folder: the next one resumes it
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _build_into(out, sources, source, name, settings, classes, detector, workers, skipped, progress):
     buckets = settings.buckets()
     if detector == "auto":
         detector = face_crop.default_detector() if settings.face_crop else None
-    class_dir, class_count = _check_class_images(class_images)
-    out = _claim_folder(root or default_root(), name, source)
     previous = _read_own_manifest(out) or {}
     key = _settings_key(settings, buckets, detector)
     reuse = _reuse_index(previous, key)
@@ -393,7 +426,9 @@ def build(sources: list[Source], source: dict, name: str, settings: BuildSetting
     kept_look = phash.HashIndex()
     processed = reused = 0
     names = set()
-    with contextlib.closing(_ordered_map(work, sources, workers)) as records:  # Cancel stops the threads too
+    manifest = functools.partial(_manifest, out, source, settings, buckets, detector, key, classes)
+    with contextlib.closing(_ordered_map(work, sources, workers)) as records, \
+            _kept_on_cancel(out, manifest, previous, items):  # Cancel stops the threads too
         for done, (src, rec) in enumerate(zip(sources, records), start=1):
             host.check_interrupt()
             if rec["status"] == "skipped":
@@ -404,11 +439,16 @@ def build(sources: list[Source], source: dict, name: str, settings: BuildSetting
             else:
                 if rec["status"] == "known":  # a duplicate last time, not any more
                     rec = _process(src, src.read(), rec["source_sha256"], key, plan, detector)
-                items.append(_write_item(out, src, rec, settings, names))
-                kept_sha.setdefault(rec["source_sha256"], src.label)
-                kept_look.add(rec["phash"], src.label)
-                processed += rec["status"] == "processed"
-                reused += rec["status"] == "reused"
+                try:
+                    items.append(_write_item(out, src, rec, settings, names))
+                except (OSError, UnicodeError) as e:  # a full disk, a name the file system refuses
+                    # No source hash: the next build tries this image again.
+                    skips.append({"source": src.label, "reason": _shown(f"cannot write its output files ({e})")})
+                else:
+                    kept_sha.setdefault(rec["source_sha256"], src.label)
+                    kept_look.add(rec["phash"], src.label)
+                    processed += rec["status"] == "processed"
+                    reused += rec["status"] == "reused"
             if progress is not None:
                 progress(done, len(sources))
     for entry in skips:
@@ -417,20 +457,39 @@ def build(sources: list[Source], source: dict, name: str, settings: BuildSetting
         detail = "; ".join(f"{os.path.basename(s['source'])} ({s['reason']})" for s in skips[:5])
         raise DatasetBuildError(f"No usable image to build '{name}' from.{' Skipped: ' + detail + '.' if detail else ''}")
 
-    manifest = {
-        "format": FORMAT, "version": VERSION, "name": os.path.basename(out), "source": source,
-        "settings": {**asdict(settings), "buckets": [list(b) for b in buckets] if buckets else None,
-                     "face_detector": _detector_name(detector) if settings.face_crop else None,
-                     "pixels_key": key},
-        "class_images": class_dir, "class_images_count": class_count,
-        "items": items, "skipped": skips, "duplicates": dupes,
-    }
+    manifest = manifest(items, skips, dupes)
     manifest_path = os.path.join(out, MANIFEST_NAME)
     _write_if_changed(manifest_path, json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     _remove_stale(out, names)
     result = BuildResult(out, manifest_path, manifest, processed, reused)
     log.info("%s", result.summary().splitlines()[0])
     return result
+
+
+def _manifest(out, source, settings, buckets, detector, key, classes, items, skips, dupes, incomplete=False) -> dict:
+    manifest = {
+        "format": FORMAT, "version": VERSION, "name": os.path.basename(out), "source": source,
+        "settings": {**asdict(settings), "buckets": [list(b) for b in buckets] if buckets else None,
+                     "face_detector": _detector_name(detector) if settings.face_crop else None,
+                     "pixels_key": key},
+        "class_images": classes[0], "class_images_count": classes[1],
+        "items": items, "skipped": skips, "duplicates": dupes,
+    }
+    return {**manifest, "incomplete": True} if incomplete else manifest
+
+
+@contextlib.contextmanager
+def _kept_on_cancel(out: str, manifest, previous: dict, items: list):
+    """On Cancel, record what is done (an incomplete manifest the trainers refuse) so the next build
+    reuses it; the previous build's items not reached yet are kept too, their files are still there."""
+    try:
+        yield
+    except BaseException as e:
+        if host.is_interrupt(e):
+            done = {it["source_sha256"] for it in items}
+            earlier = [it for it in previous.get("items") or [] if it.get("source_sha256") not in done]
+            safe_io.write_json(os.path.join(out, MANIFEST_NAME), manifest(items + earlier, [], [], incomplete=True))
+        raise
 
 
 def _process(src: Source, data: bytes, sha: str, key: str, plan: CropPlan, detector) -> dict:
@@ -490,8 +549,9 @@ def _write_if_changed(path: str, text: str) -> None:
 
 # ---- folder, reuse and cleanup ---------------------------------------------------------
 
-def _claim_folder(root: str, name: str, source: dict) -> str:
-    """<root>/<name>, or name_2, name_3...: the first that is free or was built from the same source."""
+def _claim_folder(root: str, name: str, source: dict) -> tuple[str, bool]:
+    """(<root>/<name>, or name_2, name_3...: the first that is free or was built from the same
+    source; whether this call created it)."""
     stem = safe_io.sanitize_name(name, default="dataset")
     for n in itertools.count(1):
         path = os.path.join(root, stem if n == 1 else f"{stem}_{n}")
@@ -501,10 +561,10 @@ def _claim_folder(root: str, name: str, source: dict) -> str:
             safe_io.write_json(os.path.join(path, MANIFEST_NAME),
                                {"format": FORMAT, "version": VERSION, "source": source, "items": [],
                                 "incomplete": True})
-            return path
+            return path, True
         own = _read_own_manifest(path)
         if own is not None and own.get("source") == source:
-            return path
+            return path, False
     raise AssertionError("unreachable")
 
 
@@ -576,8 +636,12 @@ def _check_class_images(folder) -> tuple[str | None, int]:
     if not os.path.isdir(folder):
         raise DatasetBuildError(f"Class-images folder '{folder}' does not exist. Give a folder of images of the "
                                 f"class (e.g. 'a photo of a dog') for DreamBooth prior preservation, or leave it empty.")
+    folder = os.path.abspath(folder)
+    if _shown(folder) != folder:  # the trainers reopen it, so an escaped copy in the manifest would not do
+        raise DatasetBuildError(f"Class-images folder '{_shown(folder)}' has a name that is not valid UTF-8. "
+                                f"Rename it (or the folder holding it) and give the new path.")
     paths, _ = list_images(folder)
-    return os.path.abspath(folder), len(paths)
+    return folder, len(paths)
 
 
 def _ordered_map(fn, items, workers: int):
@@ -611,7 +675,7 @@ def add_build_command(subparsers) -> argparse.ArgumentParser:
                               description=add_build_command.__doc__)
     p.add_argument("folder", help="folder of images; a same-name .txt beside an image is its caption")
     p.add_argument("--name", default="", help="dataset name (default: the folder's name)")
-    p.add_argument("--out", help="parent folder of the dataset (default: <output>/personalize/datasets)")
+    p.add_argument("--out", help="parent folder of the dataset, inside the output folder (default: <output>/personalize/datasets)")
     p.add_argument("--resolution", type=int, default=d.resolution)
     p.add_argument("--mode", choices=MODES, default=d.mode)
     p.add_argument("--face-crop", action="store_true", help="centre crops on the largest face (needs OpenCV)")
@@ -622,7 +686,7 @@ def add_build_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-dedupe", action="store_true", help="keep near-duplicate images")
     p.add_argument("--dedupe-threshold", type=int, default=d.dedupe_threshold)
     p.add_argument("--class-images", default="", help="DreamBooth class-images folder to record with the dataset")
-    p.add_argument("--preview", help="also write a preview grid PNG here")
+    p.add_argument("--preview", help="also write a preview grid PNG here (inside the output folder)")
     p.add_argument("--workers", type=int, default=0, help="threads (default: up to 4)")
     p.set_defaults(func=run_build_command)
     return p
@@ -637,6 +701,12 @@ def run_build_command(args) -> int:
     def progress(done, total):
         print(f"\r{done}/{total} images", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
+    # A local tool reads anywhere but writes only inside its output and model folders.
+    for option, path in (("--out", args.out), ("--preview", args.preview)):
+        if path and not path_policy.is_inside(path, host.writable_roots()):
+            print(f"error: {option} {path} is outside the output folder {host.output_dir()}; give a path inside "
+                  f"it, or choose the output folder with --output-dir.", file=sys.stderr)
+            return 2
     try:
         result = build_from_folder(args.folder, args.name, settings, root=args.out, class_images=args.class_images,
                                    workers=args.workers or None, progress=progress)

@@ -15,7 +15,7 @@ try:  # ComfyUI's top-level modules exist only inside a running ComfyUI.
 except Exception:  # pragma: no cover - depends on the host
     _fp = None
 
-_local = {"models": None, "output": None, "temp": None}
+_local = {"models": None, "output": None, "temp": None, "input": None}
 _interrupt = threading.Event()
 
 # Sub-folders of the models root, by ComfyUI folder name, for the fallback.
@@ -33,9 +33,9 @@ def in_comfyui() -> bool:
 
 
 def configure(models_dir: str | None = None, output_dir: str | None = None,
-              temp_dir: str | None = None) -> None:
+              temp_dir: str | None = None, input_dir: str | None = None) -> None:
     """Set the folders used outside ComfyUI (command line, tests)."""
-    for key, value in (("models", models_dir), ("output", output_dir), ("temp", temp_dir)):
+    for key, value in (("models", models_dir), ("output", output_dir), ("temp", temp_dir), ("input", input_dir)):
         if value is not None:
             _local[key] = os.path.abspath(value)
 
@@ -100,13 +100,18 @@ def list_models(folder: str, extensions=MODEL_EXTENSIONS, include_dirs: bool = F
     return sorted(names)
 
 
-def resolve_model(folder: str, name: str) -> str:
-    """Full path of a model named as in a dropdown; a clear error says where to put it."""
-    if os.path.isabs(name) and os.path.exists(name):
-        return name  # the command line may pass a full path
+def resolve_model(folder: str, name: str, allow_absolute: bool = False) -> str:
+    """Full path of a model named as in a dropdown; a clear error says where to put it.
+
+    The name is taken inside the folder as ComfyUI does ('../' cannot climb out of it). Only
+    the command line passes `allow_absolute`, for a full path the local user typed.
+    """
+    if allow_absolute and os.path.isabs(name) and os.path.exists(name):
+        return name
+    inside = os.path.relpath(os.path.join(os.sep, str(name or "")), os.sep)  # '/a/../../b' -> 'b'
     for root in model_dirs(folder):
-        path = os.path.join(root, name)
-        if os.path.exists(path):
+        path = os.path.join(root, inside)
+        if inside != "." and os.path.exists(path):
             return path
     raise FileNotFoundError(
         f"Model '{name}' was not found in the '{folder}' folders: {', '.join(model_dirs(folder))}. "
@@ -125,12 +130,34 @@ def temp_dir() -> str:
     return _local["temp"] or os.path.join(output_dir(), "..", "temp")
 
 
+def input_dir() -> str:
+    """ComfyUI's input folder; outside ComfyUI the current folder (relative paths mean what they say)."""
+    if _fp is not None:
+        return _fp.get_input_directory()
+    return _local["input"] or os.getcwd()
+
+
+def cache_dir() -> str:
+    """Where the pack keeps its own caches (file hashes): inside ComfyUI the models root, which
+    /view does not serve (it serves input, output and temp); outside it the temp folder."""
+    if _fp is not None:
+        return os.path.join(_fp.models_dir, ".personalize_cache")
+    return temp_dir()
+
+
 def writable_roots() -> list[str]:
-    """Folders the pack may write into: model folders, output and temp."""
+    """Folders the pack may write models and results into: model folders, output and temp."""
     roots = [output_dir(), temp_dir()]
     for folder in ("loras", "checkpoints", "embeddings"):
         roots += model_dirs(folder)
     return [os.path.realpath(r) for r in roots]
+
+
+def model_roots() -> list[str]:
+    """Every model folder the host knows (extra_model_paths included); not custom_nodes, which holds code."""
+    if _fp is None:
+        return [_fallback_root("models")]
+    return [p for name, (paths, _) in _fp.folder_names_and_paths.items() if name != "custom_nodes" for p in paths]
 
 
 def tokenizer_dir(family: str = "sd1") -> str | None:

@@ -12,6 +12,8 @@ import unicodedata
 import numpy as np
 from PIL import Image, ImageOps
 
+from . import path_policy
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 # Files that commonly sit beside images and are not worth a "skipped" line.
@@ -44,8 +46,8 @@ def _open_loaded(path: str, draft_size=None) -> Image.Image:
     except (OSError, Image.DecompressionBombError) as e:
         raise ImageError(path, str(e)) from e
     try:
-        if draft_size is not None and img.format == "JPEG":
-            img.draft("RGB", draft_size)  # decode at a fraction of the size; truncation still shows
+        if draft_size is not None and img.format in ("JPEG", "MPO"):  # MPO: multi-picture JPEGs from cameras
+            img.draft("RGB", draft_size)  # decode at 1/2..1/8 scale, no side below draft_size's; truncation still shows
         img.load()
     except Exception as e:  # truncated data, decoder errors, bombs
         img.close()
@@ -92,15 +94,30 @@ def to_rgb(img: Image.Image, path: str = "<image>") -> Image.Image:
         raise ImageError(path, f"unsupported colour mode '{mode}' ({e})") from e
 
 
-def open_rgb(path) -> Image.Image:
-    """The image at `path` as an upright, fully decoded 8-bit RGB image."""
+def open_rgb(path, max_short_side: int | None = None) -> Image.Image:
+    """The image at `path` as an upright, fully decoded 8-bit RGB image.
+
+    max_short_side: the caller needs no more than this many pixels across the shorter side,
+    so a big JPEG is decoded at a reduced scale and the result shrunk to it (see `shrink`).
+    """
     path = os.fspath(path)
-    with _open_loaded(path) as img:
+    draft = (max_short_side, max_short_side) if max_short_side else None
+    with _open_loaded(path, draft_size=draft) as img:
         try:
             upright = ImageOps.exif_transpose(img)
         except Exception:  # a malformed EXIF block: keep the pixels as stored
             upright = img
-        return to_rgb(upright, path)
+        rgb = to_rgb(upright, path)
+    return shrink(rgb, max_short_side) if max_short_side else rgb
+
+
+def shrink(img: Image.Image, max_short_side: int) -> Image.Image:
+    """`img` resized (Lanczos) so its shorter side is at most `max_short_side`; itself when it already is."""
+    scale = max_short_side / min(img.size)
+    if scale >= 1:
+        return img
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.LANCZOS)
 
 
 def check_image(path) -> None:
@@ -125,6 +142,9 @@ def list_images(folder, check: bool = False) -> tuple[list[str], list[tuple[str,
     for name in names:
         path = os.path.join(folder, name)
         if name.startswith(".") or name.lower() in _JUNK_NAMES or not os.path.isfile(path):
+            continue
+        if not path_policy.readable(path):  # a link out of the folders a graph may read
+            skipped.append((path, "a link to a file outside ComfyUI's input, output, temp and model folders"))
             continue
         if not is_image_name(name):
             if not name.lower().endswith(_SIDECAR_EXTENSIONS):

@@ -1,8 +1,6 @@
 """Training methods: what becomes trainable and what gets saved. The loop is shared."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import host, lora_network, safe_io
@@ -40,11 +38,10 @@ class LoraMethod:
         tensors = lora_network.kohya_state_dict(comps.unet, comps.text_encoder if cfg.train_text_encoder else None,
                                                 dtype=dtype)
         meta = lora_metadata(cfg, family, comps.info, captions, dataset_dir, steps, started, tensors)
-        folder = host.model_dirs("loras")[0]
-        os.makedirs(folder, exist_ok=True)
-        path = safe_io.unique_path(folder, safe_io.sanitize_name(cfg.output_name, "lora"), ".safetensors")
-        safe_io.ensure_inside(path, host.writable_roots())
-        return safe_io.save_safetensors(tensors, path, meta)
+        # name, name_2...: taken at the moment of writing, so an export running beside this one keeps its file
+        return safe_io.save_new(host.model_dirs("loras")[0], safe_io.sanitize_name(cfg.output_name, "lora"),
+                                ".safetensors", safe_io.safetensors_writer(tensors, meta),
+                                roots=host.writable_roots())
 
 
 METHODS = {"lora": LoraMethod}

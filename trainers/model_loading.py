@@ -411,7 +411,7 @@ def file_sha256(path: str) -> str:
     """Full sha256, cached by path, size and mtime so a 2 GB checkpoint is hashed once."""
     stat = os.stat(path)
     key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
-    cache_file = os.path.join(host.temp_dir(), _HASH_CACHE)
+    cache_file = os.path.join(host.cache_dir(), _HASH_CACHE)
     try:
         with open(cache_file, encoding="utf-8") as f:
             cache = json.load(f)

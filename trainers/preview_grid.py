@@ -7,6 +7,7 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
+from . import path_policy
 from .dataset import MANIFEST_NAME
 
 BACKGROUND = (30, 30, 30)
@@ -98,7 +99,11 @@ def dataset_preview(dataset_dir: str, max_images: int = 16, columns: int = 4, ce
         items = json.load(f).get("items") or []
     images, captions, details = [], [], []
     for item in items[:max(1, max_images)]:
-        with Image.open(os.path.join(dataset_dir, item["image"])) as img:
+        path = os.path.join(dataset_dir, str(item.get("image") or ""))
+        if not path_policy.is_inside(path, [os.path.realpath(dataset_dir)]):  # never show a file from elsewhere
+            raise ValueError(f"Dataset manifest '{os.path.join(dataset_dir, MANIFEST_NAME)}' lists an image "
+                             f"outside its folder ({item.get('image')!r}); build the dataset again.")
+        with Image.open(path) as img:
             images.append(img.convert("RGB"))
         captions.append(item.get("caption") or "")
         w, h = item.get("output_size") or images[-1].size

@@ -1,15 +1,29 @@
 """One folder per training run: resolved config, step log, checkpoints, samples.
 
 Runs live in <output>/personalize/runs/<name>[_N]. A new run never reuses a folder;
-resuming picks the newest unfinished run of the same name that has a checkpoint.
+resuming picks the newest unfinished run of the same name that has a checkpoint and was
+made from the same output name, run name, dataset and base model (see IDENTITY).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
 from . import host, safe_io
+
+log = logging.getLogger("personalize")
+
+# What a run must share with the current config to be resumed: where it lives in config.json, and
+# why it was not resumed when it differs.
+IDENTITY = (
+    ("output_name", None, "it saves to output name {stored!r}, not {want!r}"),
+    ("run_name", None, "its run name is {stored!r}, not {want!r}"),
+    ("dataset_fingerprint", "resolved", "it was trained on a different dataset (images, captions, trigger word, "
+                                        "buckets or repeats changed)"),
+    ("base_model_sha256", "resolved", "it was trained on a different base model"),
+)
 
 
 def runs_root() -> str:
@@ -61,14 +75,32 @@ class RunDir:
             return json.load(f)
 
     def append_log(self, record: dict) -> None:
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode("utf-8")
+        with open(self.log_path, "a+b") as f:  # "a": every write lands at the end, whatever we read
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a crash mid-append left a torn line: never glue a record onto it
+                    line = b"\n" + line
+            f.write(line)
 
     def read_log(self) -> list[dict]:
+        """The step records; a line torn by a crash mid-append is skipped (with one warning)."""
         if not os.path.exists(self.log_path):
             return []
-        with open(self.log_path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        records, torn = [], 0
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            for line in filter(str.strip, f):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = None
+                if isinstance(record, dict):
+                    records.append(record)
+                else:
+                    torn += 1
+        if torn:
+            log.warning("%s: skipped %d unreadable line(s), likely cut short by a crash.", self.log_path, torn)
+        return records
 
     def truncate_log(self, step: int) -> None:
         """Drop records past `step`, so a resumed run continues the same curve."""
@@ -77,6 +109,26 @@ class RunDir:
 
     def mark_finished(self, result: dict) -> None:
         safe_io.write_json(self.finished_path, result)
+
+    def set_aside(self, checkpoint: str) -> str:
+        """Rename a checkpoint that cannot be loaded to step_N.bad (kept for inspection, never picked again)."""
+        aside = safe_io.unique_path(os.path.dirname(checkpoint), os.path.basename(checkpoint), ".bad")
+        os.rename(checkpoint, aside)
+        return aside
+
+    def mismatch(self, want: dict) -> str | None:
+        """Why this run cannot be resumed for `want` (values of the IDENTITY keys), or None if it can."""
+        try:
+            config = self.read_config()
+        except (OSError, ValueError) as e:
+            return f"its config.json cannot be read ({e})"
+        for key, block, reason in IDENTITY:
+            stored = (config.get(block) or {}) if block else config
+            if key not in stored:
+                return f"its config.json has no {key} (it was made by an older version)"
+            if stored[key] != want[key]:
+                return reason.format(stored=stored[key], want=want[key])
+        return None
 
 
 def _runs_named(name: str) -> list[RunDir]:
@@ -88,20 +140,32 @@ def _runs_named(name: str) -> list[RunDir]:
     return sorted(runs, key=lambda r: os.path.getmtime(r.path))
 
 
-def find_resumable(name: str) -> RunDir | None:
-    """The newest unfinished run of this name with a checkpoint to continue from."""
-    for run in reversed(_runs_named(safe_io.sanitize_name(name))):
-        if not run.finished and run.latest_checkpoint():
-            return run
-    return None
+def find_resumable(name: str, want: dict) -> tuple[RunDir | None, list[str]]:
+    """The newest unfinished run of this name with a checkpoint whose IDENTITY values are `want`.
+
+    Also returns a note for every unfinished run with a checkpoint that was passed over, saying why.
+    """
+    notes = []
+    for run in reversed(_runs_named(safe_io.sanitize_name(name, "run"))):
+        if run.finished or not run.latest_checkpoint():
+            continue
+        reason = run.mismatch(want)
+        if reason is None:
+            return run, []
+        notes.append(f"Not resuming {run.name}: {reason}.")
+    return None, notes
 
 
 def new_run(name: str) -> RunDir:
+    """A new folder <name>, <name>_2...; mkdir is exclusive, so two runs started at once never share one."""
     root = runs_root()
     os.makedirs(root, exist_ok=True)
-    path = safe_io.unique_path(root, safe_io.sanitize_name(name, "run"))
-    os.makedirs(path)
-    return RunDir(path)
+    for path in safe_io.numbered_names(root, safe_io.sanitize_name(name, "run")):
+        try:
+            os.mkdir(path)
+            return RunDir(path)
+        except FileExistsError:
+            continue
 
 
 def open_run(path_or_name: str) -> RunDir:

@@ -5,17 +5,20 @@ on several processes: accelerate owns devices, mixed precision and gradient sync
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from . import dataset, host, train_state
+from . import dataset, host, path_policy, train_state
+from .buckets import scale_bucket
 from .config import TrainConfig
 from .families import get_family
 from .methods import get_method
@@ -36,6 +39,8 @@ class TrainResult:
     steps: int
     log: list = field(default_factory=list)  # [{"step", "loss", "lr"}...]
     validation_image: object = None  # PIL image of the last validation, if any
+    notes: list = field(default_factory=list)  # what the user should know: a run not resumed and why, a
+    # checkpoint that fell back to an older one, buckets scaled to the training resolution
 
     def loss_image(self):
         return loss_curve([r["step"] for r in self.log], [r["loss"] for r in self.log])
@@ -46,22 +51,29 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     cfg.validate()
     accelerator = _make_accelerator(cfg)
     device = accelerator.device
-    run, resume_from = _open_run(cfg, accelerator)
-    if resume_from:
+    host.free_memory()
+    # The base model and the dataset come first: which run may be resumed depends on both.
+    comps = components or _load_base(cfg)
+    items = dataset.scan_folder(cfg.dataset, trigger_word=cfg.trigger_word)
+    built_at = dataset.built_resolution(cfg.dataset)
+    identity = _identity(cfg, items, comps)
+    notes = []
+    run, checkpoints, passed_over = _open_run(cfg, accelerator, identity)
+    _note(accelerator, notes, *passed_over)
+    if checkpoints:
         cfg = _resumed_config(cfg, run, accelerator)
     _log_main(accelerator, "run %s on %s (%d process(es))%s", run.path, device, accelerator.num_processes,
-              f", resuming from {resume_from}" if resume_from else "")
+              ", resuming it" if checkpoints else "")
 
-    host.free_memory()
-    comps = components or _load_base(cfg)
     family = get_family(comps.family)
     method = get_method(cfg)
-    items = dataset.scan_folder(cfg.dataset, trigger_word=cfg.trigger_word)
+    items, scaled = _fit_buckets(items, built_at, cfg.resolution)
+    _note(accelerator, notes, *scaled)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # Encode every image once: the loop never runs the VAE.
-    latents = dataset.LatentCache.build(items, comps.vae.to(device), cfg.resolution,
-                                        crop=cfg.crop, flip=cfg.flip, device=device)
+    latents = dataset.LatentCache.build(items, comps.vae.to(device), cfg.resolution, crop=cfg.crop, flip=cfg.flip,
+                                        device=device, rescaled=bool(scaled))
     comps.vae.to("cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the same seed gives the same initial adapter weights
@@ -91,13 +103,16 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     text_encoder = prepared[1] if method.trains_text_encoder else comps.text_encoder
 
     start_step = 0
-    if resume_from:
-        start_step = _restore(resume_from, comps, optimizer, scheduler)
+    if checkpoints:
+        start_step, fallbacks = _restore(run, checkpoints, comps, optimizer, scheduler, accelerator)
+        _note(accelerator, notes, *fallbacks)
         if accelerator.is_main_process:
             run.truncate_log(start_step)
     elif accelerator.is_main_process:
         run.write_config({**cfg.to_dict(), "resolved": {
-            "base_model_path": comps.source, "base_model_sha256": comps.info.get("sha256", ""),
+            "base_model_path": comps.source, "base_model_sha256": identity["base_model_sha256"],
+            "dataset_fingerprint": identity["dataset_fingerprint"], "dataset_resolution": built_at,
+            "train_sizes": _train_sizes(items, cfg.resolution),
             "family": comps.family, "images": len(items), "device": str(device),
             "mixed_precision": accelerator.mixed_precision, "processes": accelerator.num_processes}})
 
@@ -188,7 +203,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
         log.info("saved %s", lora_path)
     accelerator.wait_for_everyone()
     return TrainResult(lora_path=lora_path, run_dir=run.path, steps=step, log=history,
-                       validation_image=validation_image)
+                       validation_image=validation_image, notes=notes)
 
 
 def _make_accelerator(cfg: TrainConfig):
@@ -205,19 +220,29 @@ def _make_accelerator(cfg: TrainConfig):
     return Accelerator(mixed_precision=precision, cpu=host.torch_device().type == "cpu")
 
 
-def _open_run(cfg: TrainConfig, accelerator) -> tuple[RunDir, str | None]:
-    """The main process picks (or creates) the run folder; the others follow its choice."""
+def _open_run(cfg: TrainConfig, accelerator, identity: dict) -> tuple[RunDir, list[str], list[str]]:
+    """The main process picks (or creates) the run folder; the others follow its choice.
+
+    Returns the run, its checkpoints oldest first (none for a new run), and notes on the runs
+    of this name that were not resumed because their identity (see run_dir.IDENTITY) differs.
+    """
     from accelerate.utils import broadcast_object_list
 
-    choice = [None, None]
+    choice = [None, [], []]
     if accelerator.is_main_process:
-        run = find_resumable(cfg.name) if cfg.resume else None
-        if run is None:
-            run = new_run(cfg.name)
-        choice = [run.path, run.latest_checkpoint()]
+        run, passed_over = find_resumable(cfg.name, identity) if cfg.resume else (None, [])
+        checkpoints = run.checkpoint_dirs() if run else []
+        choice = [(run or new_run(cfg.name)).path, checkpoints, passed_over]
     if accelerator.num_processes > 1:
         broadcast_object_list(choice)
-    return RunDir(choice[0]), choice[1]
+    return RunDir(choice[0]), choice[1], choice[2]
+
+
+def _identity(cfg: TrainConfig, items, comps) -> dict:
+    """What a run must share with this config to be resumed (run_dir.IDENTITY)."""
+    return {"output_name": cfg.output_name, "run_name": cfg.run_name,
+            "dataset_fingerprint": dataset.dataset_fingerprint(items, cfg.dataset),
+            "base_model_sha256": comps.info.get("sha256", "")}  # "" for components passed in (tests, demo)
 
 
 def _resumed_config(cfg: TrainConfig, run: RunDir, accelerator) -> TrainConfig:
@@ -233,13 +258,14 @@ def _resumed_config(cfg: TrainConfig, run: RunDir, accelerator) -> TrainConfig:
 def _load_base(cfg: TrainConfig):
     from .model_loading import load_sd_components
 
+    local = not path_policy.server_rules()  # the command line may name any file; a graph, only its folders
     path = cfg.base_model
-    if not os.path.exists(path):
+    if not (local and os.path.exists(path)):
         try:
-            path = host.resolve_model("checkpoints", cfg.base_model)
+            path = host.resolve_model("checkpoints", cfg.base_model, allow_absolute=local)
         except FileNotFoundError as missing:
             try:
-                path = host.resolve_model("diffusers", cfg.base_model)
+                path = host.resolve_model("diffusers", cfg.base_model, allow_absolute=local)
             except FileNotFoundError:
                 raise missing from None  # name the checkpoints folder, where most models live
     return load_sd_components(path)
@@ -258,28 +284,64 @@ def _to_training_dtype(comps, method, weight_dtype, device):
 
 
 def _trainable_state(comps) -> dict:
-    state = {}
-    for prefix, model in (("unet", comps.unet), ("text_encoder", comps.text_encoder)):
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                state[f"{prefix}.{name}"] = p.detach().float().cpu()
-    return state
+    return {k: p.detach().float().cpu() for k, p in _trainable_params(comps).items()}
 
 
-def _restore(checkpoint: str, comps, optimizer, scheduler) -> int:
-    saved = train_state.load(checkpoint)
-    params = {f"unet.{n}": p for n, p in comps.unet.named_parameters()}
-    params.update({f"text_encoder.{n}": p for n, p in comps.text_encoder.named_parameters()})
-    missing = [k for k in saved["trainable"] if k not in params]
-    if missing:
-        raise TrainingError(f"Checkpoint {checkpoint} does not fit this model/config "
-                            f"({len(missing)} unknown tensors, e.g. {missing[0]}). Start a new run instead.")
+def _restore(run: RunDir, checkpoints: list[str], comps, optimizer, scheduler, accelerator) -> tuple[int, list[str]]:
+    """Continue from the newest checkpoint that loads; ones that do not are set aside (step_N.bad).
+
+    Returns the step and notes on the checkpoints skipped. Each is read and checked whole before
+    anything is copied into the model or optimizer, so a failed attempt leaves nothing half-restored.
+    """
+    params = _trainable_params(comps)
+    saved, failed = None, []
+    for checkpoint in reversed(checkpoints):
+        try:
+            saved = train_state.load_checked(checkpoint, params, optimizer, scheduler)
+            break
+        except train_state.CheckpointError as e:
+            log.warning("Checkpoint %s cannot be loaded: %s", checkpoint, e)
+            failed.append((os.path.basename(checkpoint), e))
+    if saved is None:
+        reasons = "; ".join(f"{name}: {e}" for name, e in failed)
+        raise TrainingError(f"No checkpoint of the run {run.path} can be loaded ({reasons}). Set resume off to "
+                            f"start a new run (the old run folder is left as it is).")
+    _log_main(accelerator, "resuming from %s (step %d)", checkpoint, saved["step"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
     with torch.no_grad():
         for k, v in saved["trainable"].items():
             params[k].copy_(v.to(params[k].dtype))
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    return saved["step"]
+    accelerator.wait_for_everyone()  # every process has read the bad ones before they move
+    notes = []
+    for name, e in failed:
+        aside = run.set_aside(os.path.join(run.checkpoints, name)) if accelerator.is_main_process else name + ".bad"
+        notes.append(f"Checkpoint {name} of {run.name} could not be loaded ({e}); resumed from step {saved['step']} "
+                     f"instead. The bad one was renamed to {os.path.basename(aside)}.")
+    return saved["step"], notes
+
+
+def _trainable_params(comps) -> dict:
+    """The parameters a checkpoint holds, by their checkpoint names (as _trainable_state writes them)."""
+    params = {}
+    for prefix, model in (("unet", comps.unet), ("text_encoder", comps.text_encoder)):
+        params.update({f"{prefix}.{n}": p for n, p in model.named_parameters() if p.requires_grad})
+    return params
+
+
+def _fit_buckets(items, built_at: int | None, resolution: int) -> tuple[list, list[str]]:
+    """Buckets of a dataset built at another resolution, scaled to `resolution` (aspect kept), and a note."""
+    if not built_at or built_at == resolution or not any(it.bucket for it in items):
+        return items, []
+    items = [dataclasses.replace(it, bucket=scale_bucket(it.bucket, built_at, resolution)) if it.bucket else it
+             for it in items]
+    sizes = ", ".join(f"{size} x{n}" for size, n in _train_sizes(items, resolution).items())
+    return items, [f"Dataset built at {built_at} px, trained at {resolution} px: buckets scaled to {sizes}."]
+
+
+def _train_sizes(items, resolution: int) -> dict[str, int]:
+    """Images per trained size "WxH": its bucket, or the square crop."""
+    return dict(Counter(f"{w}x{h}" for w, h in sorted(it.bucket or (resolution, resolution) for it in items)))
 
 
 def _step_seed(seed: int, step: int, micro: int, process: int) -> int:
@@ -338,3 +400,11 @@ def _validate(cfg, comps, accelerator, unet, run, step, device):
 def _log_main(accelerator, msg, *args):
     if accelerator.is_main_process:
         log.info(msg, *args)
+
+
+def _note(accelerator, notes: list, *texts: str) -> None:
+    """Keep a note for TrainResult.notes (the node shows them) and log it."""
+    for text in texts:
+        notes.append(text)
+        if accelerator.is_main_process:
+            log.warning("%s", text)

@@ -48,18 +48,75 @@ def save(directory: str, *, trainable: dict, optimizer_state: dict, scheduler_st
     if os.path.exists(directory):
         raise FileExistsError(f"checkpoint {directory} already exists")
     os.replace(tmp, directory)
+    safe_io.fsync_dir(os.path.dirname(os.path.abspath(directory)))  # the rename survives a power cut
     return directory
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the file at fault."""
+
+
+def _read(directory: str, name: str, reader):
+    try:
+        return reader(os.path.join(directory, name))
+    except Exception as e:  # missing, empty, truncated or garbled: safetensors and json raise many kinds
+        raise CheckpointError(f"{name} cannot be read ({type(e).__name__}: {e})") from e
+
+
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load(directory: str) -> dict:
+    """Everything in a checkpoint folder, read in full (nothing is applied here); CheckpointError if unreadable."""
     from safetensors.torch import load_file
 
-    with open(os.path.join(directory, "state.json"), encoding="utf-8") as f:
-        meta = json.load(f)
-    opt_tensors = load_file(os.path.join(directory, "optimizer.safetensors"))
+    meta = _read(directory, "state.json", _read_json)
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "optimizer" not in meta:
+        raise CheckpointError("state.json lacks its step or optimizer entries")
+    opt_tensors = _read(directory, "optimizer.safetensors", load_file)
+    try:
+        optimizer = _unflatten(meta["optimizer"], opt_tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"optimizer.safetensors does not match state.json ({e!r})") from e
     return {
         "step": meta["step"],
-        "trainable": load_file(os.path.join(directory, "trainable.safetensors")),
-        "optimizer": _unflatten(meta["optimizer"], opt_tensors),
-        "scheduler": meta["scheduler"],
+        "trainable": _read(directory, "trainable.safetensors", load_file),
+        "optimizer": optimizer,
+        "scheduler": meta.get("scheduler"),
     }
+
+
+def load_checked(checkpoint: str, params: dict, optimizer, scheduler) -> dict:
+    """A checkpoint read in full and checked against this model, optimizer and scheduler; CheckpointError if not."""
+    saved = load(checkpoint)
+    folder_step = int(os.path.basename(checkpoint).rsplit("_", 1)[1])
+    if saved["step"] != folder_step:
+        raise CheckpointError(f"state.json says step {saved['step']}, its folder says {folder_step}")
+    tensors = saved["trainable"]
+    if set(tensors) != set(params):
+        odd = sorted(set(tensors) ^ set(params))
+        raise CheckpointError(f"trainable.safetensors does not fit this model ({len(odd)} tensors differ, e.g. {odd[0]})")
+    for k, v in tensors.items():
+        if v.shape != params[k].shape:
+            raise CheckpointError(f"trainable.safetensors has {k} of shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
+    _check_optimizer_state(saved["optimizer"], optimizer)
+    if not isinstance(saved["scheduler"], dict) or not set(scheduler.state_dict()) <= set(saved["scheduler"]):
+        raise CheckpointError("state.json has no scheduler state for this schedule")
+    return saved
+
+
+def _check_optimizer_state(state, optimizer) -> None:
+    """What Optimizer.load_state_dict would only find out half-way: group sizes and moment shapes."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or not isinstance(state.get("state"), dict) or \
+            [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointError("the optimizer state does not fit this model's parameter groups")
+    flat = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, moments in state["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):  # AdamW and Prodigy: one value per weight
+            value = moments.get(key) if isinstance(moments, dict) else None
+            if isinstance(value, torch.Tensor) and (not isinstance(index, int) or index >= len(flat)
+                                                    or value.shape != flat[index].shape):
+                raise CheckpointError(f"optimizer.safetensors has {key} of parameter {index} in the wrong shape")
