@@ -19,11 +19,14 @@ def tag_frequency(captions: list[str]) -> dict:
     return dict(counts)
 
 
-def tensor_hashes(tensors: dict) -> tuple[str, str]:
-    """(sshs_model_hash, sshs_legacy_hash): sha256 of the tensor bytes, as kohya's addnet hashes."""
+def tensor_hashes(tensors: dict, metadata: dict | None = None) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as kohya's addnet hashes: the file as saved with only its
+    ss_* metadata (which never changes afterwards); the first hashes the tensor bytes, the legacy one
+    64 KiB at 1 MiB into the file, header included."""
     from safetensors.torch import save
 
-    data = save({k: v.contiguous() for k, v in tensors.items()})
+    training = {k: v for k, v in (metadata or {}).items() if k.startswith("ss_")}
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=training or None)
     header_len = int.from_bytes(data[:8], "little")
     full = hashlib.sha256(data[8 + header_len:]).hexdigest()
     legacy = hashlib.sha256(io.BytesIO(data).getbuffer()[0x100000:0x110000]).hexdigest()[:8]
@@ -81,5 +84,5 @@ def lora_metadata(cfg, family, base_info: dict, captions: list[str], dataset_dir
     }
     if cfg.trigger_word:
         meta["modelspec.trigger_phrase"] = cfg.trigger_word
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = tensor_hashes(tensors)
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = tensor_hashes(tensors, meta)
     return meta

@@ -15,6 +15,9 @@ import unicodedata
 
 _BAD_CHARS = re.compile(r'[<>:"|?*\x00-\x1f\\]')
 _SURROGATES = re.compile(r"[\ud800-\udfff]")  # from undecodable file names; not encodable in UTF-8
+# Names Windows keeps for devices, whatever the case or extension ("con.txt" too); the digits include ¹²³.
+_RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+             *(f"{d}{n}" for d in ("COM", "LPT") for n in "123456789\u00b9\u00b2\u00b3")}
 
 
 def _read_umask() -> int:
@@ -32,7 +35,8 @@ def sanitize_name(name: str, default: str = "untitled", max_bytes: int = 120) ->
 
     'a/b/../c' becomes 'a_b_c'; an absolute path keeps only its parts, never its root. The result
     is at most `max_bytes` bytes of UTF-8 (file systems limit bytes, not characters), cut between
-    characters, never inside one.
+    characters, never inside one. A name Windows reserves for a device (CON, PRN, AUX, NUL, COM1-9,
+    LPT1-9, any case, with or without an extension) gets '_' after its stem: 'con.txt' becomes 'con_.txt'.
     """
     name = _SURROGATES.sub("_", str(name or ""))
     name = unicodedata.normalize("NFC", name).strip()
@@ -40,8 +44,19 @@ def sanitize_name(name: str, default: str = "untitled", max_bytes: int = 120) ->
     name = "_".join(parts)
     name = _BAD_CHARS.sub("_", name).strip(" .")
     name = re.sub(r"\.{2,}", ".", name)
+    name = _unreserved(_cut(name, max_bytes))
+    return _cut(name, max_bytes) or default  # '_' may need a byte: cut again (max_bytes > 4 keeps it)
+
+
+def _cut(name: str, max_bytes: int) -> str:
     name = name.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")  # "ignore" drops only a cut last character
-    return name.strip(" .") or default
+    return name.strip(" .")
+
+
+def _unreserved(name: str) -> str:
+    """'CON' -> 'CON_', 'lpt1.txt' -> 'lpt1_.txt': Windows opens the device, not a file, for these stems."""
+    stem, dot, rest = name.partition(".")
+    return f"{stem}_{dot}{rest}" if stem.rstrip(" ").upper() in _RESERVED else name
 
 
 def numbered_names(directory: str, stem: str, suffix: str = ""):

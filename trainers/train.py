@@ -208,6 +208,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
 
 def _make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     precision = cfg.mixed_precision
     cuda = host.torch_device().type == "cuda"  # inside ComfyUI, its --cpu choice counts
@@ -216,6 +217,8 @@ def _make_accelerator(cfg: TrainConfig):
     if precision == "fp16" and not cuda:
         log.warning("fp16 mixed precision needs a CUDA GPU; training in fp32 on the CPU.")
         precision = "no"
+    # accelerate keeps one precision per process; a later run in this process (the node queued again) may choose another.
+    AcceleratorState._reset_state()
     # On the CPU, cpu=True also lets several launched processes train together over gloo.
     return Accelerator(mixed_precision=precision, cpu=host.torch_device().type == "cpu")
 

@@ -1,0 +1,431 @@
+"""Mutation checks: small deliberate bugs that the tests must catch.
+
+    python tests/mutations.py                 # every mutation (after a baseline run of their tests)
+    python tests/mutations.py --list
+    python tests/mutations.py --only trigger_left_boundary --only hub_allowed_always
+
+Each mutation replaces one exact piece of text in one file; the text must occur exactly once, so the list
+fails loudly when the code changes under it. The repository (git's tracked and untracked-but-not-ignored
+files, not .venv) is copied to a scratch folder, the replacement applied there, and the mutation's tests
+run there with this interpreter: `python -m pytest -x -q <tests>`. Tests that still pass have MISSED the
+bug. The exit status is non-zero if any mutation is missed, does not apply, errors or times out.
+
+A script, not a test module: pytest collects test_*.py only, and nothing here is named test_*.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Mutation(NamedTuple):
+    name: str
+    file: str  # relative to the repository root
+    original: str  # must occur exactly once in `file`
+    replacement: str
+    tests: tuple  # pytest node ids or files, relative to the repository root
+
+
+NAMES = "tests/test_names_and_guards.py"
+CONTRACT = "tests/test_lora_contract.py"
+POLICY = "tests/test_path_policy.py"
+HARDENING = "tests/test_hardening_training.py"
+
+MUTATIONS = [
+    # ---- names and the write guard ----------------------------------------------------
+    Mutation("sanitize_name_slice_only", "trainers/safe_io.py",
+             '    name = _SURROGATES.sub("_", str(name or ""))\n',
+             '    return str(name or "")[:120] or default\n', (NAMES,)),
+    Mutation("sanitize_name_byte_cut_only", "trainers/safe_io.py",
+             '    name = _SURROGATES.sub("_", str(name or ""))\n',
+             '    return str(name or "").encode("utf-8", "replace")[:max_bytes].decode("utf-8", "ignore") or default\n',
+             (NAMES,)),
+    Mutation("sanitize_name_keeps_dotdot_parts", "trainers/safe_io.py",
+             'if p not in ("", ".", "..")]', 'if p]', (NAMES,)),
+    Mutation("sanitize_name_keeps_reserved_names", "trainers/safe_io.py",
+             "    name = _unreserved(_cut(name, max_bytes))\n", "    name = _cut(name, max_bytes)\n", (NAMES,)),
+    Mutation("ensure_inside_prefix_without_separator", "trainers/safe_io.py",
+             "real.startswith(root + os.sep)", "real.startswith(root)",
+             (f"{NAMES}::test_ensure_inside_refuses_a_sibling_with_the_same_prefix",)),
+    Mutation("ensure_inside_does_not_follow_links", "trainers/safe_io.py",
+             "    real = os.path.realpath(path)\n", "    real = os.path.abspath(path)\n",
+             (f"{NAMES}::test_ensure_inside_follows_links_out",)),
+    Mutation("lora_export_write_guard_removed", "trainers/methods.py",
+             "safe_io.safetensors_writer(tensors, meta),\n                                roots=host.writable_roots())",
+             "safe_io.safetensors_writer(tensors, meta))",
+             (f"{NAMES}::test_export_refuses_to_write_outside_the_writable_roots",)),
+    Mutation("tests_use_comfyui_dir_folders", "tests/conftest.py",
+             '        h.configure(models_dir=str(root / "models"), output_dir=str(root / "output"), '
+             'input_dir=str(root / "input"))\n', "",
+             (f"{NAMES}::test_each_test_gets_its_own_host_folders_whatever_comfyui_dir_says",)),
+    # ---- the trigger word -------------------------------------------------------------
+    Mutation("trigger_left_boundary", "trainers/dataset.py",
+             'r"(?<!\\w)" + re.escape(trigger)', "re.escape(trigger)",
+             (f"{NAMES}::test_trigger_counts_only_as_a_whole_word",)),
+    Mutation("trigger_not_escaped", "trainers/dataset.py",
+             "re.escape(trigger)", "trigger",
+             (f"{NAMES}::test_trigger_glued_on_the_right_or_matched_as_a_pattern_is_not_present",)),
+    # ---- LoRA targets and kohya keys --------------------------------------------------
+    Mutation("text_encoder_mlp_dropped", "trainers/lora_network.py",
+             r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$", r"(self_attn\.(q_proj|k_proj|v_proj|out_proj))$",
+             (CONTRACT,)),
+    Mutation("text_encoder_key_without_text_model", "trainers/lora_network.py",
+             '        module_name = "text_model." + module_name', "        pass",
+             (CONTRACT,)),
+    Mutation("kohya_preset_feed_forward_dropped", "trainers/lora_network.py",
+             r"|ff\.net\.(0\.proj|2)))$", r"))$", (CONTRACT,)),
+    Mutation("locon_preset_time_embedding_dropped", "trainers/lora_network.py",
+             "conv_shortcut|time_emb_proj)", "conv_shortcut)", (CONTRACT,)),
+    # ---- path policy ------------------------------------------------------------------
+    Mutation("readable_always_true", "trainers/path_policy.py",
+             "return not confined() or is_inside(path, read_roots())", "return True",
+             (f"{POLICY}::test_files_linked_out_of_an_allowed_folder_are_not_read",)),
+    Mutation("is_inside_prefix_without_separator", "trainers/path_policy.py",
+             "real.startswith(root.rstrip(os.sep) + os.sep)", "real.startswith(root.rstrip(os.sep))",
+             (f"{NAMES}::test_is_inside_refuses_a_sibling_with_the_same_prefix",)),
+    Mutation("manifest_inside_folder_check_removed", "trainers/dataset.py",
+             "if not path_policy.is_inside(path, [os.path.realpath(folder)]):", "if False:",
+             (f"{POLICY}::test_manifest_entries_stay_inside_their_dataset",)),
+    Mutation("preview_manifest_inside_folder_check_removed", "trainers/preview_grid.py",
+             "if not path_policy.is_inside(path, [os.path.realpath(dataset_dir)]):", "if False:",
+             (f"{POLICY}::test_manifest_entries_stay_inside_their_dataset",)),
+    Mutation("node_path_read_confinement_removed", "trainers/path_policy.py",
+             "if confined() and not is_inside(path, read_roots()):", "if False:",
+             (f"{POLICY}::test_node_paths_resolve_inside_comfyui_folders",)),
+    Mutation("node_path_write_confinement_removed", "trainers/path_policy.py",
+             "if write and server_rules() and not is_inside(path, write_roots()):", "if False:",
+             (f"{POLICY}::test_allow_any_path_lifts_reads_never_writes",)),
+    Mutation("hub_allowed_always", "trainers/path_policy.py",
+             "return not server_rules() or _env_on(ALLOW_HUB_ENV)", "return True",
+             (f"{POLICY}::test_hub_downloads_are_off_in_the_server",)),
+    Mutation("model_name_may_climb_out", "trainers/host.py",
+             'inside = os.path.relpath(os.path.join(os.sep, str(name or "")), os.sep)', 'inside = str(name or "")',
+             (f"{POLICY}::test_model_names_cannot_leave_their_folder",)),
+    # ---- resume, logs, checkpoints ----------------------------------------------------
+    Mutation("resume_identity_ignored", "trainers/run_dir.py",
+             "(values of the IDENTITY keys), or None if it can.\"\"\"\n",
+             "(values of the IDENTITY keys), or None if it can.\"\"\"\n        return None\n",
+             (f"{HARDENING}::test_resume_needs_the_same_dataset_base_model_and_trigger",
+              f"{HARDENING}::test_resume_needs_the_exact_output_name_and_a_fingerprinted_run")),
+    Mutation("resume_identity_ignores_base_model", "trainers/run_dir.py",
+             '    ("base_model_sha256", "resolved", "it was trained on a different base model"),\n', "",
+             (f"{HARDENING}::test_resume_needs_the_same_dataset_base_model_and_trigger",)),
+    Mutation("torn_log_line_glued_to", "trainers/run_dir.py",
+             '                    line = b"\\n" + line\n', "                    pass\n",
+             (f"{HARDENING}::test_torn_last_log_line_is_skipped_and_never_glued_to",)),
+    Mutation("torn_log_line_raises", "trainers/run_dir.py",
+             "                try:\n                    record = json.loads(line)\n"
+             "                except ValueError:\n                    record = None\n",
+             "                record = json.loads(line)\n",
+             (f"{HARDENING}::test_resume_after_a_torn_log_line",)),
+    Mutation("checkpoint_fallback_removed", "trainers/train.py",
+             "for checkpoint in reversed(checkpoints):", "for checkpoint in reversed(checkpoints[-1:]):",
+             (f"{HARDENING}::test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one",)),
+    Mutation("checkpoint_shapes_not_checked_before_copy", "trainers/train_state.py",
+             "        if v.shape != params[k].shape:\n", "        if False:\n",
+             (f"{HARDENING}::test_when_no_checkpoint_loads_the_error_names_the_run_and_nothing_is_half_restored",)),
+]
+
+# ---- training numerics: scheduler restore, min-SNR, pruning, optimizer choice, 2-process equivalence, noise
+# offset, grad accumulation, gradient checkpointing, v-prediction, schedules. ----
+MUTATIONS += [
+    Mutation('scheduler_not_restored', 'trainers/train.py',
+             '    scheduler.load_state_dict(saved["scheduler"])\n',
+             '    pass\n',
+             ('tests/test_training_contract.py::test_resume_in_a_warmup_cosine_schedule_repeats_the_rates_and_the_exact_weights',)),
+    Mutation('optimizer_not_restored', 'trainers/train.py',
+             '    optimizer.load_state_dict(saved["optimizer"])\n',
+             '    pass\n',
+             ('tests/test_training_contract.py::test_resume_in_a_warmup_cosine_schedule_repeats_the_rates_and_the_exact_weights',)),
+    Mutation('weights_not_restored', 'trainers/train.py',
+             '            params[k].copy_(v.to(params[k].dtype))',
+             '            pass',
+             ('tests/test_training_contract.py::test_resume_in_a_warmup_cosine_schedule_repeats_the_rates_and_the_exact_weights', 'tests/test_train_lora.py::test_cancel_saves_a_checkpoint_and_resume_continues_the_same_curve')),
+    Mutation('min_snr_clamp_min', 'trainers/train.py',
+             'weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr',
+             'weight = torch.clamp(snr, min=cfg.min_snr_gamma) / snr',
+             ('tests/test_training_contract.py::test_min_snr_weights_and_targets_follow_the_formulas',)),
+    Mutation('min_snr_v_weight', 'trainers/train.py',
+             'weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)',
+             'weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr',
+             ('tests/test_training_contract.py::test_min_snr_weights_and_targets_follow_the_formulas',)),
+    Mutation('min_snr_off', 'trainers/train.py',
+             '    if cfg.min_snr_gamma:\n',
+             '    if False:\n',
+             ('tests/test_training_contract.py::test_min_snr_weights_and_targets_follow_the_formulas',)),
+    Mutation('min_snr_zero_not_off', 'trainers/train.py',
+             '    if cfg.min_snr_gamma:\n',
+             '    if True:\n',
+             ('tests/test_training_contract.py::test_min_snr_weights_and_targets_follow_the_formulas',)),
+    Mutation('v_target_is_noise', 'trainers/train.py',
+             'target = noise_scheduler.get_velocity(latents, noise, t)',
+             'target = noise',
+             ('tests/test_training_contract.py::test_min_snr_weights_and_targets_follow_the_formulas',)),
+    Mutation('noise_offset_ignored', 'trainers/train.py',
+             '    if cfg.noise_offset:\n',
+             '    if False:\n',
+             ('tests/test_training_contract.py::test_noise_offset_shifts_each_channel_of_the_noise_by_one_constant', 'tests/test_training_contract.py::test_noise_offset_and_v_prediction_reach_the_training_loop')),
+    Mutation('noise_offset_per_pixel', 'trainers/train.py',
+             'torch.randn(latents.shape[:2] + (1, 1), generator=gen)',
+             'torch.randn(latents.shape, generator=gen)',
+             ('tests/test_training_contract.py::test_noise_offset_shifts_each_channel_of_the_noise_by_one_constant',)),
+    Mutation('v_prediction_scheduler_ignored', 'trainers/train.py',
+             '    noise_scheduler = comps.noise_scheduler()\n',
+             '    noise_scheduler = dataclasses.replace(comps, prediction_type="epsilon").noise_scheduler()\n',
+             ('tests/test_training_contract.py::test_noise_offset_and_v_prediction_reach_the_training_loop',)),
+    Mutation('accum_not_averaged', 'trainers/train.py',
+             'accelerator.backward(loss / cfg.grad_accum)',
+             'accelerator.backward(loss)',
+             ('tests/test_training_contract.py::test_accumulated_micro_batches_are_the_global_batch_and_their_gradient_is_the_mean',)),
+    Mutation('accum_overlapping_items', 'trainers/train.py',
+             'step * cfg.grad_accum + micro',
+             'step + micro',
+             ('tests/test_training_contract.py::test_accumulated_micro_batches_are_the_global_batch_and_their_gradient_is_the_mean',)),
+    Mutation('accum_one_micro', 'trainers/train.py',
+             'for micro in range(cfg.grad_accum):',
+             'for micro in range(1):',
+             ('tests/test_training_contract.py::test_accumulated_micro_batches_are_the_global_batch_and_their_gradient_is_the_mean',)),
+    Mutation('accum_zero_grad_per_micro', 'trainers/train.py',
+             '                    accelerator.backward(loss / cfg.grad_accum)\n',
+             '                    optimizer.zero_grad(set_to_none=True)\n                    accelerator.backward(loss / cfg.grad_accum)\n',
+             ('tests/test_training_contract.py::test_accumulated_micro_batches_are_the_global_batch_and_their_gradient_is_the_mean',)),
+    Mutation('unet_checkpointing_off', 'trainers/train.py',
+             'comps.unet.enable_gradient_checkpointing()',
+             'pass',
+             ('tests/test_training_contract.py::test_gradient_checkpointing_recomputes_activations_and_trains_the_same',)),
+    Mutation('te_checkpointing_off', 'trainers/train.py',
+             'comps.text_encoder.gradient_checkpointing_enable()',
+             'pass',
+             ('tests/test_training_contract.py::test_gradient_checkpointing_recomputes_activations_and_trains_the_same',)),
+    Mutation('trainable_not_fp32', 'trainers/train.py',
+             '                p.data = p.data.float()',
+             '                pass',
+             ('tests/test_training_contract.py::test_bf16_trains_frozen_weights_in_bf16_and_trainable_ones_in_fp32',)),
+    Mutation('frozen_not_bf16', 'trainers/train.py',
+             'weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)',
+             'weight_dtype = torch.float32',
+             ('tests/test_training_contract.py::test_bf16_trains_frozen_weights_in_bf16_and_trainable_ones_in_fp32',)),
+    Mutation('accelerator_state_kept', 'trainers/train.py',
+             '    AcceleratorState._reset_state()\n',
+             '    pass\n',
+             ('tests/test_training_contract.py::test_bf16_trains_frozen_weights_in_bf16_and_trainable_ones_in_fp32',)),
+    Mutation('fp16_on_cpu_not_mapped', 'trainers/train.py',
+             '    if precision == "fp16" and not cuda:\n',
+             '    if False:\n',
+             ('tests/test_training_contract.py::test_fp16_on_the_cpu_trains_in_fp32_and_says_so',)),
+    Mutation('scheduler_not_stepped', 'trainers/train.py',
+             '            scheduler.step()\n',
+             '            pass\n',
+             ('tests/test_training_contract.py::test_logged_rates_follow_warmup_then_the_schedule',)),
+    Mutation('loop_ignores_optimizer_choice', 'trainers/train.py',
+             'make_optimizer(cfg.optimizer, groups,',
+             'make_optimizer("adamw", groups,',
+             ('tests/test_training_contract.py::test_prodigy_is_the_optimizer_that_steps',)),
+    Mutation('prune_not_called', 'trainers/train.py',
+             '            run.prune_checkpoints(cfg.keep_checkpoints)\n',
+             '            pass\n',
+             ('tests/test_training_contract.py::test_only_the_newest_checkpoints_are_kept',)),
+    Mutation('prune_keeps_all', 'trainers/run_dir.py',
+             'for old in self.checkpoint_dirs()[:-max(1, keep)]:',
+             'for old in []:',
+             ('tests/test_training_contract.py::test_only_the_newest_checkpoints_are_kept',)),
+    Mutation('prune_off_by_one', 'trainers/run_dir.py',
+             'for old in self.checkpoint_dirs()[:-max(1, keep)]:',
+             'for old in self.checkpoint_dirs()[:-max(1, keep) - 1]:',
+             ('tests/test_training_contract.py::test_only_the_newest_checkpoints_are_kept',)),
+    Mutation('keep_default_not_3', 'trainers/config.py',
+             '    keep_checkpoints: int = 3',
+             '    keep_checkpoints: int = 4',
+             ('tests/test_training_contract.py::test_only_the_newest_checkpoints_are_kept',)),
+    Mutation('prodigy_becomes_adamw', 'trainers/optim.py',
+             '    if name == "prodigy":\n',
+             '    if False:\n',
+             ('tests/test_training_contract.py::test_the_optimizer_factory_builds_what_was_asked', 'tests/test_training_contract.py::test_prodigy_is_the_optimizer_that_steps')),
+    Mutation('adamw8bit_fallback_silent', 'trainers/optim.py',
+             'log.warning("AdamW8bit needs a CUDA GPU (bitsandbytes); using AdamW on %s instead.", device.type)',
+             'pass',
+             ('tests/test_training_contract.py::test_the_optimizer_factory_builds_what_was_asked',)),
+    Mutation('cosine_shape', 'trainers/optim.py',
+             'return 0.5 * (1.0 + math.cos(math.pi * progress))',
+             'return 1.0',
+             ('tests/test_training_contract.py::test_logged_rates_follow_warmup_then_the_schedule',)),
+    Mutation('linear_shape', 'trainers/optim.py',
+             'return max(0.0, 1.0 - progress)',
+             'return 1.0',
+             ('tests/test_training_contract.py::test_logged_rates_follow_warmup_then_the_schedule',)),
+    Mutation('no_warmup', 'trainers/optim.py',
+             'return (step + 1) / (warmup_steps + 1)',
+             'return 1.0',
+             ('tests/test_training_contract.py::test_logged_rates_follow_warmup_then_the_schedule',)),
+    Mutation('te_mlp_dropped', 'trainers/lora_network.py',
+             '|mlp\\.(fc1|fc2))$")',
+             ')$")',
+             ('tests/test_training_contract.py::test_text_encoder_lora_covers_attention_and_mlp_of_every_layer',)),
+    Mutation('kohya_ff_dropped', 'trainers/lora_network.py',
+             '|ff\\.net\\.(0\\.proj|2)',
+             '',
+             ('tests/test_training_contract.py::test_unet_presets_cover_the_layers_the_readme_names',)),
+    Mutation('locon_time_emb_dropped', 'trainers/lora_network.py',
+             '|conv_shortcut|time_emb_proj)',
+             '|conv_shortcut)',
+             ('tests/test_training_contract.py::test_unet_presets_cover_the_layers_the_readme_names',)),
+    Mutation('dist_no_split', 'trainers/train.py',
+             '    total = per * accelerator.num_processes\n',
+             '    total = per\n',
+             ('tests/test_cli.py::test_accelerate_launch_two_processes',)),
+    Mutation('dist_loss_not_reduced', 'trainers/train.py',
+             'loss_value = accelerator.reduce(loss_value.to(device), reduction="mean").item()',
+             'loss_value = loss_value.item()',
+             ('tests/test_cli.py::test_accelerate_launch_two_processes',)),
+    Mutation('dist_unet_not_ddp', 'trainers/train.py',
+             '    unet, optimizer = prepared[0], prepared[-1]\n',
+             '    unet, optimizer = comps.unet, prepared[-1]\n',
+             ('tests/test_cli.py::test_accelerate_launch_two_processes',)),
+    Mutation('dist_te_not_ddp', 'trainers/train.py',
+             'cond = family.encode(comps, family.tokenize(comps, texts), text_encoder)',
+             'cond = family.encode(comps, family.tokenize(comps, texts))',
+             ('tests/test_cli.py::test_accelerate_launch_two_processes',)),
+    Mutation('bucket_order_unseeded', 'trainers/dataset.py',
+             'rng = np.random.default_rng([seed & (2**64 - 1), epoch, 1])',
+             'rng = np.random.default_rng()',
+             ('tests/test_training_contract.py::test_resume_of_a_bucketed_dataset_in_a_fresh_process_trains_the_same_batches',
+              'tests/test_dataset_build.py::test_bucket_batches_stay_in_one_bucket_count_repeats_and_resume')),
+    Mutation('epoch_order_unseeded', 'trainers/dataset.py',
+             'rng = np.random.default_rng([int(seed) & (2**64 - 1), int(epoch)])',
+             'rng = np.random.default_rng()',
+             ('tests/test_training_contract.py::test_resume_in_a_warmup_cosine_schedule_repeats_the_rates_and_the_exact_weights',)),
+]
+
+
+def repo_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                         capture_output=True).stdout
+    return [f for f in out.decode("utf-8", "surrogateescape").split("\0") if f]
+
+
+def scratch_copy(files: list[str]) -> str:
+    """The repository's files (not .venv, caches or outputs) in a new temp folder."""
+    root = tempfile.mkdtemp(prefix="personalize_mutation_")
+    for rel in files:
+        src = os.path.join(REPO, rel)
+        if not os.path.isfile(src):  # deleted but still tracked
+            continue
+        dst = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copy2(src, dst)
+    return root
+
+
+def apply(root: str, m: Mutation) -> str | None:
+    """Apply `m` in the copy at `root`; the reason it cannot be applied, or None."""
+    path = os.path.join(root, m.file)
+    if not os.path.isfile(path):
+        return f"{m.file} does not exist"
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    count = text.count(m.original)
+    if count != 1:
+        return f"original text found {count} times in {m.file} (must be exactly once)"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.replace(m.original, m.replacement))
+    return None
+
+
+def run_tests(root: str, tests, timeout: float) -> tuple[int | None, str]:
+    """pytest's exit code in the copy (None on timeout) and the tail of its output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_DIR", "PYTHONPATH")}
+    env.update(PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout or ""
+        return None, (out.decode("utf-8", "replace") if isinstance(out, bytes) else out)[-2000:]
+    return proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+
+
+def verdict(code: int | None) -> str:
+    return {0: "MISSED", 1: "caught", None: "TIMEOUT"}.get(code, f"ERROR (pytest exit {code})")
+
+
+def check(m: Mutation, files: list[str], timeout: float, verbose: bool) -> tuple[str, float]:
+    root = scratch_copy(files)
+    start = time.time()
+    try:
+        problem = apply(root, m)
+        if problem:
+            return f"NOT APPLIED: {problem}", 0.0
+        code, tail = run_tests(root, m.tests, timeout)
+        result = verdict(code)
+        if verbose or result != "caught":
+            print(f"--- {m.name}: {result}\n{tail}", file=sys.stderr)
+        return result, time.time() - start
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def baseline(selected: list[Mutation], files: list[str], timeout: float) -> bool:
+    """Every selected mutation's tests pass on the unmutated code (else 'caught' would mean nothing)."""
+    tests = sorted({t for m in selected for t in m.tests})
+    root = scratch_copy(files)
+    try:
+        start = time.time()
+        code, tail = run_tests(root, tests, timeout * 2)
+        print(f"baseline: {len(tests)} test target(s) {'pass' if code == 0 else 'FAIL'} "
+              f"({time.time() - start:.0f} s)", flush=True)
+        if code != 0:
+            print(tail, file=sys.stderr)
+        return code == 0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", action="append", metavar="NAME", help="run only this mutation (repeatable)")
+    p.add_argument("--list", action="store_true", help="list the mutations and their tests")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per mutation (default 600)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the run of the tests on unmutated code")
+    p.add_argument("-v", "--verbose", action="store_true", help="show pytest's output for caught ones too")
+    args = p.parse_args(argv)
+    names = [m.name for m in MUTATIONS]
+    if len(set(names)) != len(names):
+        print("error: two mutations share a name", file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.only or []) - set(names))
+    if unknown:
+        print(f"error: no mutation named {', '.join(unknown)}; see --list", file=sys.stderr)
+        return 2
+    selected = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    if args.list:
+        for m in selected:
+            print(f"{m.name}  ({m.file})\n    " + "\n    ".join(m.tests))
+        return 0
+    files = repo_files()
+    if not args.no_baseline and not baseline(selected, files, args.timeout):
+        print("error: the tests fail without any mutation; fix them first", file=sys.stderr)
+        return 2
+    rows = []
+    for m in selected:
+        result, seconds = check(m, files, args.timeout, args.verbose)
+        rows.append((m.name, result, seconds))
+        print(f"{m.name:<{max(map(len, names))}} | {result} | {seconds:.1f}", flush=True)
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'mutation':<{width}} | result | seconds")
+    for name, result, seconds in rows:
+        print(f"{name:<{width}} | {result} | {seconds:.1f}")
+    bad = [name for name, result, _ in rows if result != "caught"]
+    print(f"\n{len(rows) - len(bad)}/{len(rows)} caught" + (f"; not caught: {', '.join(bad)}" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
