@@ -137,6 +137,11 @@ MUTATIONS = [
 # ---- training numerics: scheduler restore, min-SNR, pruning, optimizer choice, 2-process equivalence, noise
 # offset, grad accumulation, gradient checkpointing, v-prediction, schedules. ----
 MUTATIONS += [
+    Mutation("caption_dropout_ignored", "trainers/train.py",
+             "if torch.rand(1, generator=gen).item() >= cfg.caption_dropout else", "if True else",
+             ("tests/test_training_contract.py::test_caption_dropout_trains_that_share_of_steps_on_the_empty_caption",)),
+]
+MUTATIONS += [
     Mutation('scheduler_not_restored', 'trainers/train.py',
              '    scheduler.load_state_dict(saved["scheduler"])\n',
              '    pass\n',

@@ -226,6 +226,34 @@ def test_accumulated_micro_batches_are_the_global_batch_and_their_gradient_is_th
 
 # ---- gradient checkpointing ----------------------------------------------------------------
 
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_caption_dropout_trains_that_share_of_steps_on_the_empty_caption(env, fresh, monkeypatch, dropout):
+    seen, real_get = [], dataset_mod.CaptionCache.get
+
+    def get(self, captions):
+        seen.extend(captions)
+        return real_get(self, captions)
+
+    monkeypatch.setattr(dataset_mod.CaptionCache, "get", get)
+    train(cfg_for(env, steps=40, caption_dropout=dropout, output_name=f"drop{dropout}"), components=fresh())
+    empty = seen.count("")
+    assert len(seen) == 40 and all(c.startswith("sks") for c in seen if c)
+    assert (empty == 0) if dropout == 0 else (10 <= empty <= 30)  # 20 expected; binomial sd ~3.2
+
+
+def test_training_attention_runs_through_sdpa(env, fresh, monkeypatch):
+    """The README's 'SDPA attention': the UNet's attention goes through torch's fused kernel."""
+    calls, real_sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    train(cfg_for(env, steps=1, output_name="sdpa"), components=fresh())
+    assert len(calls) >= 2  # self- and cross-attention of the UNet's transformer blocks, at least
+
+
 def count_calls(module) -> list:
     calls = []
     module.register_forward_pre_hook(lambda *_: calls.append(1))  # the recomputation may stop before the end
