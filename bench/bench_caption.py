@@ -17,7 +17,7 @@ falls on both alike; wall time and this process's CPU time are reported.
 
 --memory captions big JPEGs with `caption_folder` twice, each in a fresh process: with the
 engine's reduced decoding (each photo opened at twice the processor's input) and with it off
-(captioning.REDUCED_DECODE = False: full-size photos in the batch, as before). It reports
+(captioning.blip.REDUCED_DECODE = False: full-size photos in the batch, as before). It reports
 how far the process's peak resident memory rose above its level after loading the model.
 Without --model it uses a small random BLIP with the real 384-px processor, so the figures
 are about the images, not the weights.
@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from engine import engine  # noqa: E402
 
-captioning = engine("captioning")
+captioning, caption_files = engine("captioning.blip"), engine("captioning.folders")
 
 
 def make_photos(folder: str, count: int, size: int, chunk: int, seed: int = 0) -> list[list[str]]:
@@ -192,8 +192,8 @@ def run(args, work: str) -> int:
     for chunk in chunks:
         before = (ours.wall, theirs.wall)
         with ours:
-            report = captioning.caption_folder(captioner, os.path.dirname(chunk[0]), policy="overwrite",
-                                               batch_size=args.batch_size, **settings)
+            report = caption_files.caption_folder(captioner, os.path.dirname(chunk[0]), policy="overwrite",
+                                                  batch_size=args.batch_size, **settings)
         with theirs:
             piped = [pipe(path, pipe_kwargs) for path in chunk]
         ratios.append((theirs.wall - before[1]) / (ours.wall - before[0]))
@@ -296,8 +296,8 @@ def memory_child(args) -> int:
     loaded = _status_kb("VmRSS")
     exact = _reset_peak()
     t = time.perf_counter()
-    report = captioning.caption_folder(captioner, args.folder, policy="overwrite", batch_size=args.batch_size,
-                                       **settings)
+    report = caption_files.caption_folder(captioner, args.folder, policy="overwrite", batch_size=args.batch_size,
+                                          **settings)
     wall, peak = time.perf_counter() - t, _peak_mb()
     loaded_mb = (loaded or 0) / 1024  # 0 where /proc is missing: the figure is then the whole peak
     print(json.dumps({"captions": len(report.written), "wall_s": wall, "loaded_mb": loaded_mb, "peak_mb": peak,

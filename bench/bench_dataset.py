@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from engine import engine  # noqa: E402
 
-host = engine("host")
-dataset_build, images = engine("dataset_build"), engine("images")
+host = engine("core.host")
+dataset_build, images = engine("dataset_build.builder"), engine("data.images")
 MODES, BuildSettings, build_from_folder = dataset_build.MODES, dataset_build.BuildSettings, dataset_build.build_from_folder
 list_images, open_rgb = images.list_images, images.open_rgb
 

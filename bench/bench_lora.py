@@ -22,7 +22,7 @@ from engine import engine
 
 
 def make_checkpoint(size: str, work: str) -> None:
-    toy = engine("toy_models")
+    toy = engine("testing.toy_models")
 
     comps = toy.build_sd1(size, tokenizer_dir=os.path.join(work, "models", "clip", "tokenizer"))
     toy.save_single_file(comps, os.path.join(work, "models", "checkpoints", "bench.safetensors"))
@@ -43,11 +43,11 @@ def main():
 
     import torch
 
-    host = engine("host")
-    TrainConfig = engine("config").TrainConfig
-    make_photos = engine("demo").make_photos
-    build_sd1 = engine("toy_models").build_sd1
-    train = engine("train").train
+    host = engine("core.host")
+    TrainConfig = engine("core.config").TrainConfig
+    make_photos = engine("testing.demo").make_photos
+    build_sd1 = engine("testing.toy_models").build_sd1
+    train = engine("training.loop").train
 
     work = tempfile.mkdtemp(prefix="bench_lora_")
     host.configure(models_dir=os.path.join(work, "models"), output_dir=os.path.join(work, "output"))

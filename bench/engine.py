@@ -13,5 +13,5 @@ if ROOT not in sys.path:
 
 
 def engine(name: str):
-    """trainers.<name>, e.g. engine("train")."""
+    """trainers.<name>, e.g. engine("training.loop")."""
     return importlib.import_module(f"trainers.{name}")

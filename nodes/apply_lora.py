@@ -1,7 +1,7 @@
 """Apply Trained LoRA: ComfyUI's own LoRA code, exactly as LoraLoader, with a link slot for Train LoRA."""
 from __future__ import annotations
 
-from ..trainers import host
+from ..trainers.core import host
 
 
 class ApplyTrainedLoRA:

@@ -1,11 +1,11 @@
 """BLIP captioning nodes: caption an IMAGE batch, caption a folder, unload the model.
 
-The engine (trainers/captioning.py) is imported inside the functions, so loading the
+The engine (trainers/captioning/) is imported inside the functions, so loading the
 pack stays cheap; transformers is imported only when a caption is asked for.
 """
 from __future__ import annotations
 
-from ..trainers import host
+from ..trainers.core import host
 from .paths import folder_fingerprint, node_folder
 
 CATEGORY = "Personalize/dataset"
@@ -54,10 +54,10 @@ def _generation_inputs() -> dict:
 
 
 def _load(kw: dict):
-    from ..trainers import captioning
+    from ..trainers.captioning import blip
 
     name = kw["hub_id"].strip() or ("" if kw["model"] == HUB_CHOICE else kw["model"])
-    return captioning.load_blip(name, device=kw["device"], dtype=kw["dtype"])
+    return blip.load_blip(name, device=kw["device"], dtype=kw["dtype"])
 
 
 def _generate_options(kw: dict) -> dict:
@@ -68,8 +68,8 @@ def _generate_options(kw: dict) -> dict:
 
 def _finish(kw: dict) -> None:
     if not kw["keep_loaded"]:
-        from ..trainers import captioning
-        captioning.unload()
+        from ..trainers.captioning import blip
+        blip.unload()
 
 
 class BlipCaptionImages:
@@ -88,14 +88,15 @@ class BlipCaptionImages:
                              **_model_inputs(), **_generation_inputs()}}
 
     def caption(self, images, **kw):
-        from ..trainers import captioning
+        from ..trainers.captioning import blip
+        from .convert import image_to_pil
 
         captioner = _load(kw)
-        pil_images = captioning.images_from_tensor(images)
+        pil_images = image_to_pil(images)
         bar = host.Progress(len(pil_images))
-        captions = captioning.caption_images(captioner, pil_images, progress=lambda done, total: bar.update(done),
+        captions = blip.caption_images(captioner, pil_images, progress=lambda done, total: bar.update(done),
                                              **_generate_options(kw))
-        captions = [captioning.apply_affixes(c, kw["prefix"], kw["suffix"]) for c in captions]
+        captions = [blip.apply_affixes(c, kw["prefix"], kw["suffix"]) for c in captions]
         _finish(kw)
         return (captions, "\n".join(captions))
 
@@ -123,12 +124,12 @@ class BlipCaptionFolder:
     @classmethod
     def IS_CHANGED(cls, folder="", **kw):
         # New or changed photos re-run it; the .txt files it writes itself do not.
-        from ..trainers.images import IMAGE_EXTENSIONS
+        from ..trainers.data.images import IMAGE_EXTENSIONS
 
         return folder_fingerprint(folder, extensions=IMAGE_EXTENSIONS, write=True)
 
     def caption(self, folder, policy, **kw):
-        from ..trainers import captioning
+        from ..trainers.captioning import folders
 
         folder = node_folder(folder, "Caption folder", write=True)  # caption files are written there
         captioner = _load(kw)
@@ -138,8 +139,8 @@ class BlipCaptionFolder:
             bar.total = max(total, 1)
             bar.update(done)
 
-        report = captioning.caption_folder(captioner, folder, policy=policy, prefix=kw["prefix"],
-                                           suffix=kw["suffix"], progress=progress, **_generate_options(kw))
+        report = folders.caption_folder(captioner, folder, policy=policy, prefix=kw["prefix"],
+                                        suffix=kw["suffix"], progress=progress, **_generate_options(kw))
         _finish(kw)
         summary = report.summary()
         return {"ui": {"text": [summary]}, "result": (summary, report.folder)}
@@ -164,9 +165,9 @@ class UnloadBlip:
         return float("nan")
 
     def unload(self, after=None):
-        from ..trainers import captioning
+        from ..trainers.captioning import blip
 
-        status = "BLIP unloaded." if captioning.unload() else "No BLIP model was loaded."
+        status = "BLIP unloaded." if blip.unload() else "No BLIP model was loaded."
         return {"ui": {"text": [status]}, "result": (status,)}
 
 

@@ -15,9 +15,19 @@ def pil_to_image(images) -> torch.Tensor:
 
 
 def image_to_pil(image: torch.Tensor) -> list[Image.Image]:
-    """ComfyUI IMAGE [B,H,W,C] -> list of PIL RGB images."""
-    arr = (image.detach().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a[..., :3]) for a in arr]
+    """ComfyUI IMAGE [B,H,W,C] (or one [H,W,C]) floats in 0..1 -> list of 8-bit PIL RGB images.
+
+    Any float dtype (fp16, bf16); a 1-channel image becomes grey RGB, a 4th (alpha) channel is dropped.
+    """
+    if image.ndim == 3:
+        image = image.unsqueeze(0)
+    arrays = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    out = []
+    for a in arrays:
+        if a.shape[-1] == 1:
+            a = np.repeat(a, 3, axis=-1)
+        out.append(Image.fromarray(np.ascontiguousarray(a[..., :3]), "RGB"))
+    return out
 
 
 def blank_image(size: int = 64) -> torch.Tensor:

@@ -1,14 +1,14 @@
 """Dataset nodes: build a training dataset from a folder or from an IMAGE batch, and preview one.
 
-Thin wrappers over trainers/dataset_build.py; the DATASET they output is a dict
+Thin wrappers over trainers/dataset_build/builder.py; the DATASET they output is a dict
 {"path", "manifest", "count", "buckets", "class_images", "summary"} that Train LoRA accepts.
 """
 from __future__ import annotations
 
 
-from ..trainers import host
-from ..trainers.dataset_build import MODES, BuildSettings, build_from_folder, build_from_images
-from ..trainers.preview_grid import dataset_preview
+from ..trainers.core import host
+from ..trainers.dataset_build.builder import MODES, BuildSettings, build_from_folder, build_from_images
+from ..trainers.dataset_build.preview_grid import dataset_preview
 from .convert import image_to_pil, pil_to_image
 from .paths import folder_fingerprint, node_dataset, node_folder
 

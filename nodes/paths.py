@@ -1,10 +1,10 @@
-"""Paths typed in (or linked into) node widgets: the one door every node uses (trainers/path_policy.py)."""
+"""Paths typed in (or linked into) node widgets: the one door every node uses (trainers/core/path_policy.py)."""
 from __future__ import annotations
 
 import hashlib
 import os
 
-from ..trainers import path_policy
+from ..trainers.core import path_policy
 
 
 def node_folder(folder: str, what: str = "Folder", write: bool = False) -> str:

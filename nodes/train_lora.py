@@ -1,10 +1,10 @@
-"""Train LoRA: a thin node over trainers.train (all model work happens there)."""
+"""Train LoRA: a thin node over trainers/training/loop.py (all model work happens there)."""
 from __future__ import annotations
 
 import os
 
-from ..trainers import host
-from ..trainers.config import CROPS, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULERS, TrainConfig
+from ..trainers.core import host
+from ..trainers.core.config import CROPS, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULERS, TrainConfig
 from .convert import blank_image, pil_to_image
 from .paths import node_dataset, node_folder
 
@@ -66,7 +66,7 @@ class TrainLoRA:
     def train(self, ckpt_name, dataset_folder, output_name, dataset=None, unique_id=None, **knobs):
         import torch
 
-        from ..trainers.train import train
+        from ..trainers.training.loop import train
 
         folder = node_dataset(dataset) if dataset is not None else node_folder(dataset_folder, "Dataset folder")
         cfg = TrainConfig(base_model=ckpt_name, dataset=folder, output_name=output_name, **knobs)

@@ -98,8 +98,8 @@ def main(argv=None) -> dict:
     mm.unload_all_models()
 
     # --- our engine -----------------------------------------------------------
-    from trainers import lora_network
-    from trainers.model_loading import load_sd_components
+    from trainers.networks import lora as lora_network
+    from trainers.families.model_loading import load_sd_components
 
     comps = load_sd_components(args.ckpt, tokenizer_dir=os.path.join(comfy_dir, "comfy", "sd1_tokenizer"))
     comps.unet.eval()

@@ -17,10 +17,10 @@ if ROOT not in sys.path:
 def _host_copies():
     """(host, path_policy) of the engine and of the pack as ComfyUI imports it: two copies of each module."""
     from pack_loader import load_pack
-    from trainers import host, path_policy
+    from trainers.core import host, path_policy
 
     pack = load_pack().__name__
-    return [(host, path_policy), (sys.modules[f"{pack}.trainers.host"], sys.modules[f"{pack}.trainers.path_policy"])]
+    return [(host, path_policy), (sys.modules[f"{pack}.trainers.core.host"], sys.modules[f"{pack}.trainers.core.path_policy"])]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -58,7 +58,7 @@ def _isolated_host(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_tokenizer_dir(tmp_path_factory) -> str:
-    from trainers.toy_models import write_toy_tokenizer
+    from trainers.testing.toy_models import write_toy_tokenizer
 
     return write_toy_tokenizer(str(tmp_path_factory.mktemp("toy_tokenizer")))
 
@@ -66,7 +66,7 @@ def toy_tokenizer_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def toy_sd1(toy_tokenizer_dir):
     """build_sd1("tiny") components: random weights, the real SD1.x layout."""
-    from trainers.toy_models import build_sd1
+    from trainers.testing.toy_models import build_sd1
 
     return build_sd1("tiny", tokenizer_dir=toy_tokenizer_dir)
 
@@ -74,7 +74,7 @@ def toy_sd1(toy_tokenizer_dir):
 @pytest.fixture(scope="session")
 def toy_checkpoint(toy_sd1, tmp_path_factory) -> str:
     """toy_sd1 as an LDM single-file checkpoint (load it with tokenizer_dir=toy_tokenizer_dir)."""
-    from trainers.toy_models import save_single_file
+    from trainers.testing.toy_models import save_single_file
 
     return save_single_file(toy_sd1, str(tmp_path_factory.mktemp("toy_checkpoint") / "toy_sd1.safetensors"))
 
@@ -82,6 +82,6 @@ def toy_checkpoint(toy_sd1, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def toy_diffusers_dir(toy_sd1, tmp_path_factory) -> str:
     """toy_sd1 as a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/)."""
-    from trainers.toy_models import save_diffusers_folder
+    from trainers.testing.toy_models import save_diffusers_folder
 
     return save_diffusers_folder(toy_sd1, str(tmp_path_factory.mktemp("toy_diffusers") / "toy_sd1"))

@@ -8,8 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from trainers import captioning, host
-from trainers.captioning import CaptionError, apply_affixes, caption_folder, caption_images, load_blip
+from trainers.captioning import blip as blip_mod
+from trainers.cli.caption import add_caption_command
+from trainers.core import host
+from trainers.captioning.blip import CaptionError, apply_affixes, caption_images, load_blip
+from trainers.captioning.folders import caption_folder
 
 WORDS = ("a photo of the dog cat man woman sitting on beach with red blue house tree car in grass "
          "standing next to small big green field road").split()
@@ -96,7 +99,7 @@ def blip_host(models_dir):
     previous = host._local["models"]
     host.configure(models_dir=models_dir)
     yield models_dir
-    captioning.unload()
+    blip_mod.unload()
     host._local["models"] = previous
 
 
@@ -117,7 +120,7 @@ def _words_ok(caption):
 # ----------------------------------------------------------------------------- loading
 
 def test_models_folder_is_listed_and_loaded_once(blip_host):
-    assert captioning.list_blip_models() == ["tiny-blip", "tiny-blip2"]
+    assert blip_mod.list_blip_models() == ["tiny-blip", "tiny-blip2"]
     first = load_blip("tiny-blip", device="cpu")
     assert first.kind == "blip" and first.dtype == torch.float32 and first.device.type == "cpu"
     assert first.source == os.path.join(blip_host, "blip", "tiny-blip")
@@ -125,8 +128,8 @@ def test_models_folder_is_listed_and_loaded_once(blip_host):
 
     other = load_blip("tiny-blip", device="cpu", dtype="bf16")  # another key replaces it
     assert other is not first and other.model.dtype == torch.bfloat16
-    assert first.managed.module is None and list(captioning._cache.values()) == [other]
-    assert captioning.unload() is True and captioning._cache == {}
+    assert first.managed.module is None and list(blip_mod._cache.values()) == [other]
+    assert blip_mod.unload() is True and blip_mod._cache == {}
     with pytest.raises(CaptionError, match="unloaded"):
         caption_images(other, [_photo(0)])
 
@@ -185,7 +188,7 @@ def test_batched_captions_match_one_by_one(blip):
 def test_shared_cross_attention_cache_gives_the_same_captions(blip, monkeypatch, prompt):
     images = [_photo(i) for i in range(4)]
     fast = caption_images(blip, images, prefix_prompt=prompt, num_beams=3, batch_size=4, max_length=8)
-    monkeypatch.setattr(captioning, "SHARED_CROSS_CACHE", False)
+    monkeypatch.setattr(blip_mod, "SHARED_CROSS_CACHE", False)
     plain = caption_images(blip, images, prefix_prompt=prompt, num_beams=3, batch_size=4, max_length=8)
     assert fast == plain and len(set(fast)) > 1
 
@@ -222,13 +225,23 @@ def test_cancel_during_generation_stops_it(blip):
     assert len(calls) == 3
 
 
+def _node_converter():
+    """nodes/convert.py's IMAGE -> PIL converter, as ComfyUI imports the pack (the one converter for every node)."""
+    import importlib
+
+    from pack_loader import load_pack
+
+    return importlib.import_module(f"{load_pack().__name__}.nodes.convert").image_to_pil
+
+
 def test_images_from_comfy_tensor():
     batch = torch.zeros(2, 4, 5, 3)
     batch[0, 1, 2] = torch.tensor([1.0, 0.5, 0.0])
-    images = captioning.images_from_tensor(batch)
+    image_to_pil = _node_converter()
+    images = image_to_pil(batch)
     assert [im.size for im in images] == [(5, 4), (5, 4)] and images[0].mode == "RGB"
     assert images[0].getpixel((2, 1)) == (255, 128, 0)
-    grey = captioning.images_from_tensor(torch.full((3, 3, 1), 0.2))
+    grey = image_to_pil(torch.full((3, 3, 1), 0.2))
     assert len(grey) == 1 and grey[0].getpixel((0, 0)) == (51, 51, 51)
 
 
@@ -256,13 +269,13 @@ def photo_folder(tmp_path):
 
 def _count_generated(monkeypatch):
     seen = []
-    real = captioning._generate
+    real = blip_mod._generate
 
     def counting(captioner, batch, prompt, kwargs):
         seen.extend(batch)
         return real(captioner, batch, prompt, kwargs)
 
-    monkeypatch.setattr(captioning, "_generate", counting)
+    monkeypatch.setattr(blip_mod, "_generate", counting)
     return seen
 
 
@@ -296,6 +309,21 @@ def test_folder_overwrite_and_append(blip, photo_folder):
     assert report.captions[str(photo_folder / "b.png")] == appended
 
 
+def test_folder_reads_captions_as_training_does(blip, photo_folder):
+    """keep/append read the existing caption with the one reader (data.captions.read_caption): lines
+    joined with ", "; a caption that is not UTF-8 skips its image with the reason, overwrite replaces it."""
+    (photo_folder / "b.txt").write_text("a man\n\n  smiling \n", encoding="utf-8")
+    (photo_folder / "c.txt").write_bytes(b"caf\xe9\n")  # Latin-1, not UTF-8
+    report = caption_folder(blip, str(photo_folder), policy="keep", max_length=4)
+    assert report.captions[str(photo_folder / "b.png")] == "a man, smiling"
+    skipped = {os.path.basename(p): why for p, why in report.skipped}
+    assert "not UTF-8" in skipped["c.jpg"] and "c.txt" in skipped["c.jpg"]
+    assert (photo_folder / "c.txt").read_bytes() == b"caf\xe9\n"  # left as it was
+    report = caption_folder(blip, str(photo_folder), policy="overwrite", max_length=4)
+    assert "c.jpg" not in {os.path.basename(p) for p, _ in report.skipped}
+    assert (photo_folder / "c.txt").read_text(encoding="utf-8").strip()
+
+
 def test_folder_cancel_leaves_only_complete_files(blip, tmp_path):
     for i in range(4):
         _photo(i).save(tmp_path / f"img{i}.png")
@@ -327,7 +355,7 @@ def test_missing_folder_and_bad_policy(blip, tmp_path):
 
 def test_command_line(blip_host, photo_folder, capsys):
     parser = argparse.ArgumentParser()
-    captioning.add_caption_command(parser.add_subparsers(dest="command"))
+    add_caption_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["caption", str(photo_folder), "--model", "tiny-blip", "--device", "cpu",
                               "--policy", "overwrite", "--prefix", "sks", "--max-length", "3", "--beams", "1"])
     assert args.func(args) == 0
@@ -342,7 +370,7 @@ def test_command_line(blip_host, photo_folder, capsys):
 def test_command_keeps_a_main_parser_models_dir(tmp_path):
     parser = argparse.ArgumentParser()
     parser.add_argument("--models-dir")  # as `python -m trainers --models-dir DIR caption ...`
-    captioning.add_caption_command(parser.add_subparsers(dest="command"))
+    add_caption_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["--models-dir", str(tmp_path), "caption", str(tmp_path), "--model", "m"])
     assert args.models_dir == str(tmp_path)
     args = parser.parse_args(["caption", str(tmp_path), "--model", "m", "--models-dir", "elsewhere"])
@@ -360,27 +388,28 @@ comfy.options.enable_args_parsing()
 import torch
 import comfy.model_management as mm
 import folder_paths
-from trainers import captioning, host
+from trainers.captioning import blip as blip_mod
+from trainers.core import host
 import test_captioning as t
 
 folder_paths.models_dir = os.environ["MODELS"]
 t.save_tiny_blip(os.path.join(os.environ["MODELS"], "blip", "tiny-blip"))
-assert host.in_comfyui() and captioning.list_blip_models() == ["tiny-blip"]
-cap = captioning.load_blip("tiny-blip")
+assert host.in_comfyui() and blip_mod.list_blip_models() == ["tiny-blip"]
+cap = blip_mod.load_blip("tiny-blip")
 # ComfyUI runs on the CPU here; give the model the patcher a GPU model gets, to drive that path.
 patcher = cap.managed._patcher = host._comfy_patcher(cap.model, torch.device("cpu"))
 registered = lambda: [m for m in mm.current_loaded_models if m.model is patcher]
 imgs = [t._photo(1), t._photo(2)]
-first = captioning.caption_images(cap, imgs, max_length=5)
+first = blip_mod.caption_images(cap, imgs, max_length=5)
 assert len(registered()) == 1
 assert registered()[0].model_unload(memory_to_free=1000) is False  # ComfyUI offloads part of it
 assert patcher.model.model_lowvram
-assert captioning.caption_images(cap, imgs, max_length=5) == first  # brought back whole
+assert blip_mod.caption_images(cap, imgs, max_length=5) == first  # brought back whole
 assert not patcher.model.model_lowvram
 mm.unload_all_models()
 assert not registered()
-assert captioning.caption_images(cap, imgs, max_length=5) == first and len(registered()) == 1
-captioning.unload()
+assert blip_mod.caption_images(cap, imgs, max_length=5) == first and len(registered()) == 1
+blip_mod.unload()
 assert not registered()
 print("COMFY-OK")
 '''
@@ -424,11 +453,11 @@ def caption_nodes(models_dir):
 
     pack = load_pack().__name__
     module = sys.modules[f"{pack}.nodes.caption"]
-    pack_host = sys.modules[f"{pack}.trainers.host"]
+    pack_host = sys.modules[f"{pack}.trainers.core.host"]
     previous = pack_host._local["models"]
     pack_host.configure(models_dir=models_dir)
     yield module
-    sys.modules[f"{pack}.trainers.captioning"].unload()
+    sys.modules[f"{pack}.trainers.captioning.blip"].unload()
     pack_host._local["models"] = previous
 
 

@@ -19,7 +19,7 @@ def workspace(tmp_path, toy_checkpoint, toy_tokenizer_dir):
     (models / "checkpoints").mkdir(parents=True)
     shutil.copy(toy_checkpoint, models / "checkpoints" / "toy.safetensors")
     shutil.copytree(toy_tokenizer_dir, models / "clip" / "tokenizer")
-    from trainers.demo import make_photos
+    from trainers.testing.demo import make_photos
 
     photos = make_photos(str(tmp_path / "photos"), count=2, size=64)
     config = {"base_model": "toy.safetensors", "dataset": photos, "output_name": "cli", "trigger_word": "sks",
@@ -81,18 +81,19 @@ def one_process_like_two(workspace, monkeypatch):
     here micro m is seeded as process m. (One process with batch 2 draws its noise from one generator, so it
     cannot repeat the 2-process draws.)
     """
-    from trainers import host, train as train_mod
-    from trainers.config import TrainConfig
+    from trainers.core import host
+    from trainers.training import loop, objective
+    from trainers.core.config import TrainConfig
 
-    real_seed = train_mod._step_seed
-    monkeypatch.setattr(train_mod, "_step_seed", lambda seed, step, micro, process: real_seed(seed, step, 0, micro))
+    real_seed = objective.step_seed
+    monkeypatch.setattr(objective, "step_seed", lambda seed, step, micro, process: real_seed(seed, step, 0, micro))
     host.configure(models_dir=str(workspace / "models"), output_dir=str(workspace / "one_process"))
     cfg = TrainConfig.from_dict({**json.loads((workspace / "run.json").read_text()), "output_name": "one",
                                  "train_text_encoder": True, "save_precision": "fp32", "grad_accum": 2})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the launched processes (OMP_NUM_THREADS=1): the same float rounding
     try:
-        return train_mod.train(cfg)
+        return loop.train(cfg)
     finally:
         torch.set_num_threads(threads)
 

@@ -30,7 +30,7 @@ CKPT = "attack_toy_sd15.safetensors"
 def comfy(tmp_path_factory):
     import torch
 
-    from trainers.toy_models import build_sd1, save_single_file
+    from trainers.testing.toy_models import build_sd1, save_single_file
 
     path = save_single_file(build_sd1("comfy"), str(tmp_path_factory.mktemp("ckpt") / CKPT), dtype=torch.float16)
     with ComfyServer() as server:

@@ -3,7 +3,7 @@
 Run:  COMFYUI_DIR=/work/comfyui python -m pytest tests/test_comfyui_integration.py -m comfyui -s
 
 One server serves the whole module. Its model is the smallest one ComfyUI loads as SD1.5
-(trainers.toy_models.build_sd1("comfy"): random weights), training runs on the CPU for a
+(trainers.testing.toy_models.build_sd1("comfy"): random weights), training runs on the CPU for a
 few steps at 64 px, so every result here is about plumbing and numerics, not image quality.
 """
 import glob
@@ -32,7 +32,7 @@ def toy_checkpoint(tmp_path_factory) -> str:
     """The smallest SD1.5 ComfyUI accepts (320 channels, CLIP-L, SD VAE), in LDM layout, fp16."""
     import torch
 
-    from trainers.toy_models import build_sd1, save_single_file
+    from trainers.testing.toy_models import build_sd1, save_single_file
 
     path = str(tmp_path_factory.mktemp("comfy_ckpt") / CKPT)
     return save_single_file(build_sd1("comfy"), path, dtype=torch.float16)
@@ -49,7 +49,7 @@ def comfy(toy_checkpoint):
 @pytest.fixture(scope="module")
 def photos(comfy) -> str:
     """Photos in ComfyUI's input folder (the only place a graph may read them from), named relative to it."""
-    from trainers.demo import make_photos
+    from trainers.testing.demo import make_photos
 
     make_photos(os.path.join(comfy.input_dir, "photos"), count=3, size=96)
     return "photos"

@@ -8,8 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from trainers.dataset import (CaptionCache, DatasetError, LatentCache, TrainItem, batch_indices, check_resolution,
-                              prepare_pixels, scan_folder, with_trigger)
+from trainers.data.caches import CaptionCache, LatentCache
+from trainers.data.captions import with_trigger
+from trainers.data.errors import DatasetError
+from trainers.data.items import TrainItem, scan_folder
+from trainers.data.order import batch_indices
+from trainers.data.pixels import check_resolution, prepare_pixels
 
 
 def _image(path, size=(16, 16), color=(200, 30, 30)):
@@ -157,7 +161,7 @@ def test_prepare_pixels_center_and_random():
 
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory):
-    from trainers.toy_models import build_sd1
+    from trainers.testing.toy_models import build_sd1
 
     vae = build_sd1("tiny", tokenizer_dir=str(tmp_path_factory.mktemp("tok"))).vae
     return vae.eval().requires_grad_(False)

@@ -11,12 +11,17 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from pack_loader import load_pack
-from trainers import dataset as dataset_mod, dataset_build, face_crop, host
-from trainers.buckets import BucketError, make_buckets, nearest_bucket
-from trainers.dataset import DatasetError, LatentCache, bucket_batch_indices, scan_folder
-from trainers.dataset_build import BuildSettings, DatasetBuildError, build_from_folder, build_from_images
-from trainers.phash import HashIndex, distance, phash
-from trainers.preview_grid import caption_grid, dataset_preview
+from trainers.core import host
+from trainers.data import order
+from trainers.dataset_build import builder as dataset_build, face_crop
+from trainers.dataset_build.buckets import BucketError, make_buckets, nearest_bucket
+from trainers.data.caches import LatentCache
+from trainers.data.errors import DatasetError
+from trainers.data.items import scan_folder
+from trainers.data.order import bucket_batch_indices
+from trainers.dataset_build.builder import BuildSettings, DatasetBuildError, build_from_folder, build_from_images
+from trainers.dataset_build.phash import HashIndex, distance, phash
+from trainers.dataset_build.preview_grid import caption_grid, dataset_preview
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RED, WHITE = (255, 0, 0), (255, 255, 255)
@@ -274,7 +279,7 @@ def test_bucket_batches_stay_in_one_bucket_count_repeats_and_resume():
     for i, r in enumerate(repeats):  # every slot of the epoch is served (fills may add a few extra)
         assert first.count(i) >= r
     assert run[:per_epoch] != run[per_epoch:2 * per_epoch]  # reshuffled per epoch
-    dataset_mod._bucket_epoch.cache_clear()  # a resumed run is a new process: no cached epoch to agree with
+    order._bucket_epoch.cache_clear()  # a resumed run is a new process: no cached epoch to agree with
     assert [bucket_batch_indices(buckets, repeats, 2, s, seed=7) for s in range(23, 40)] == run[23:]
     assert [bucket_batch_indices(buckets, repeats, 2, s, seed=8) for s in range(10)] != run[:10]
     # Two processes split a global batch of 4: both halves from the same bucket.
@@ -328,20 +333,20 @@ def test_latent_cache_encodes_bucketed_images_whole(tmp_path, toy_sd1):
 
 
 def test_training_runs_on_a_bucketed_dataset(tmp_path, toy_sd1, monkeypatch):
-    from trainers.config import TrainConfig
-    from trainers.train import train
+    from trainers.core.config import TrainConfig
+    from trainers.training.loop import train
 
     host.configure(models_dir=str(tmp_path / "models"))
     result = build(_bucket_folder(tmp_path / "src"), settings={"mode": "buckets", "bucket_step": 16})
     seen = []
-    real = dataset_mod.bucket_batch_indices
+    real = order.bucket_batch_indices
 
     def spy(buckets, repeats, batch_size, step, seed):
         out = real(buckets, repeats, batch_size, step, seed)
         seen.append({buckets[i] for i in out})
         return out
 
-    monkeypatch.setattr(dataset_mod, "bucket_batch_indices", spy)
+    monkeypatch.setattr(order, "bucket_batch_indices", spy)
     cfg = TrainConfig(base_model="toy", dataset=result.path, output_name="bucketed", trigger_word="sks", steps=2,
                       batch_size=2, resolution=64, rank=4, alpha=4, unet_lr=1e-3, lr_scheduler="constant",
                       warmup_steps=0, save_every=0, validation_every=0, flip=True)
@@ -495,7 +500,7 @@ def test_preview_grid_draws_captions_under_thumbnails(tmp_path):
 @pytest.fixture
 def nodes(output_root):
     name = load_pack().__name__
-    pack_host = sys.modules[f"{name}.trainers.host"]
+    pack_host = sys.modules[f"{name}.trainers.core.host"]
     previous = pack_host._local["output"]
     pack_host.configure(output_dir=str(output_root))
     yield sys.modules[f"{name}.nodes.dataset"]
@@ -548,7 +553,7 @@ def test_build_from_images_engine_hashes_pixels(tmp_path):
 
 
 def test_command_line_builds_and_writes_a_preview(tmp_path, capsys):
-    from trainers.cli import main
+    from trainers.cli.main import main
 
     src = _bucket_folder(tmp_path / "src")
     code = main(["--output-dir", str(tmp_path / "cli_out"), "build-dataset", str(src), "--name", "cli",

@@ -11,9 +11,13 @@ from PIL import Image
 
 from test_captioning import _photo, _words_ok, blip, blip_host, models_dir  # noqa: F401 (fixtures)
 from test_dataset_build import build, output_root, photo  # noqa: F401 (autouse fixture)
-from trainers import captioning, dataset_build, host, images, safe_io
-from trainers.dataset import DatasetError, scan_folder
-from trainers.dataset_build import BuildSettings, DatasetBuildError, build_from_images
+from trainers.captioning import blip as blip_mod, folders
+from trainers.core import host, safe_io
+from trainers.data import images
+from trainers.dataset_build import builder as dataset_build
+from trainers.data.errors import DatasetError
+from trainers.data.items import scan_folder
+from trainers.dataset_build.builder import BuildSettings, DatasetBuildError, build_from_images
 
 
 def datasets_dir():
@@ -152,13 +156,13 @@ def test_a_cancelled_build_keeps_its_folder_to_resume(tmp_path):
 
 def _spy_batches(monkeypatch) -> list:
     seen = []
-    real = captioning._generate
+    real = blip_mod._generate
 
     def spy(captioner, batch, prompt, kwargs):
         seen.extend(img.copy() for img in batch)
         return real(captioner, batch, prompt, kwargs)
 
-    monkeypatch.setattr(captioning, "_generate", spy)
+    monkeypatch.setattr(blip_mod, "_generate", spy)
     return seen
 
 
@@ -176,46 +180,46 @@ def _spy_decodes(monkeypatch) -> list:
 
 
 def test_decode_side_follows_the_processor(blip):
-    assert captioning.decode_side(blip) == 64  # the tiny processor takes 32 px
-    stub = captioning.BlipCaptioner(None, type("P", (), {"image_processor": type("I", (), {
+    assert blip_mod.decode_side(blip) == 64  # the tiny processor takes 32 px
+    stub = blip_mod.BlipCaptioner(None, type("P", (), {"image_processor": type("I", (), {
         "size": {"shortest_edge": 224}})()})(), "blip-2", "x", None, None)
-    assert captioning.decode_side(stub) == 448
+    assert blip_mod.decode_side(stub) == 448
     stub.processor = object()
-    assert captioning.decode_side(stub) == 2 * captioning.DEFAULT_INPUT_SIDE
+    assert blip_mod.decode_side(stub) == 2 * blip_mod.DEFAULT_INPUT_SIDE
 
 
 def test_folder_big_jpeg_is_decoded_small_before_batching(blip, tmp_path, monkeypatch):
     _photo(0, (1600, 1200)).save(tmp_path / "big.jpg", quality=90)
     batches, decodes = _spy_batches(monkeypatch), _spy_decodes(monkeypatch)
-    report = captioning.caption_folder(blip, str(tmp_path), max_length=4)
+    report = folders.caption_folder(blip, str(tmp_path), max_length=4)
     assert decodes == [(200, 150)]  # libjpeg's 1/8 scale: the 1600x1200 pixels never exist
     assert [img.size for img in batches] == [(85, 64)]  # shorter side at twice the 32-px input
     assert _words_ok(report.captions[str(tmp_path / "big.jpg")])
 
-    monkeypatch.setattr(captioning, "REDUCED_DECODE", False)  # the switch the bench compares against
+    monkeypatch.setattr(blip_mod, "REDUCED_DECODE", False)  # the switch the bench compares against
     batches.clear(), decodes.clear()
-    captioning.caption_folder(blip, str(tmp_path), policy="overwrite", max_length=4)
+    folders.caption_folder(blip, str(tmp_path), policy="overwrite", max_length=4)
     assert decodes == [(1600, 1200)] and [img.size for img in batches] == [(1600, 1200)]
 
 
 def test_pil_images_are_shrunk_and_small_ones_left_alone(blip, monkeypatch):
     big, small = _photo(1, (300, 200)), _photo(2, (48, 40))
     batches = _spy_batches(monkeypatch)
-    reduced = captioning.caption_images(blip, [big, small], max_length=5)
+    reduced = blip_mod.caption_images(blip, [big, small], max_length=5)
     assert [img.size for img in batches] == [(96, 64), (48, 40)]
     assert np.array_equal(np.asarray(batches[1]), np.asarray(small))  # below the bound: the same pixels
 
-    monkeypatch.setattr(captioning, "REDUCED_DECODE", False)
-    full = captioning.caption_images(blip, [big, small], max_length=5)
+    monkeypatch.setattr(blip_mod, "REDUCED_DECODE", False)
+    full = blip_mod.caption_images(blip, [big, small], max_length=5)
     assert reduced[1] == full[1]  # the small image's caption is unchanged
 
 
 def test_small_folder_images_caption_as_before(blip, tmp_path, monkeypatch):
     for i in range(3):
         _photo(10 + i, (64, 48)).save(tmp_path / f"{i}.png")
-    before = dict(captioning.caption_folder(blip, str(tmp_path), max_length=6).captions)
-    monkeypatch.setattr(captioning, "REDUCED_DECODE", False)
-    after = captioning.caption_folder(blip, str(tmp_path), policy="overwrite", max_length=6).captions
+    before = dict(folders.caption_folder(blip, str(tmp_path), max_length=6).captions)
+    monkeypatch.setattr(blip_mod, "REDUCED_DECODE", False)
+    after = folders.caption_folder(blip, str(tmp_path), policy="overwrite", max_length=6).captions
     assert after == before
 
 

@@ -13,13 +13,15 @@ from safetensors.torch import load_file, save_file
 
 from test_dataset_build import _bucket_folder, build
 from test_train_lora import cfg_for, env, fresh, interrupt_at  # noqa: F401 (fixtures)
-from trainers import cli, dataset as dataset_mod, host, safe_io, train_state
-from trainers.buckets import scale_bucket
-from trainers.config import ConfigError, TrainConfig
-from trainers.demo import make_photos
-from trainers.methods import get_method
-from trainers.run_dir import RunDir
-from trainers.train import TrainingError, train
+from trainers.cli.main import main as cli_main
+from trainers.core import host, safe_io, train_state
+from trainers.data import caches as cache_mod, items as data_items
+from trainers.dataset_build.buckets import scale_bucket
+from trainers.core.config import ConfigError, TrainConfig
+from trainers.testing.demo import make_photos
+from trainers.methods.registry import get_method
+from trainers.core.run_dir import RunDir
+from trainers.training.loop import TrainingError, train
 
 posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX file modes and folder fsync")
 
@@ -202,8 +204,8 @@ def test_resume_needs_the_same_dataset_base_model_and_trigger(env, fresh):
     assert [r["step"] for r in same.log] == [1, 2, 3, 4, 5, 6]  # continued, not restarted
     config = json.loads((runs(env) / "portrait" / "config.json").read_text())
     assert config["resolved"]["base_model_sha256"] == "a" * 64
-    assert config["resolved"]["dataset_fingerprint"] == dataset_mod.dataset_fingerprint(
-        dataset_mod.scan_folder(env["photos"], trigger_word="sks"), env["photos"])
+    assert config["resolved"]["dataset_fingerprint"] == data_items.dataset_fingerprint(
+        data_items.scan_folder(env["photos"], trigger_word="sks"), env["photos"])
 
 
 def test_resume_needs_the_exact_output_name_and_a_fingerprinted_run(env, fresh):
@@ -312,13 +314,13 @@ def test_dataset_built_at_another_resolution_trains_at_scaled_buckets(tmp_path, 
     built = build(_bucket_folder(tmp_path / "src"), settings={"resolution": 128, "mode": "buckets",
                                                               "bucket_step": 16})
     caches = []
-    real_build = dataset_mod.LatentCache.build.__func__
+    real_build = cache_mod.LatentCache.build.__func__
 
     def spy(cls, items, *args, **kwargs):
         caches.append((list(items), real_build(cls, items, *args, **kwargs)))
         return caches[-1][1]
 
-    monkeypatch.setattr(dataset_mod.LatentCache, "build", classmethod(spy))
+    monkeypatch.setattr(cache_mod.LatentCache, "build", classmethod(spy))
     cfg = TrainConfig(base_model="toy", dataset=built.path, output_name="scaled", steps=2, batch_size=2,
                       resolution=64, rank=4, alpha=4, lr_scheduler="constant", warmup_steps=0, save_every=0,
                       validation_every=0)
@@ -395,7 +397,7 @@ def host_dirs():
     ("rank", "--set 'rank' needs the form KEY=VALUE"),
 ])
 def test_cli_set_values_are_type_checked(tmp_path, capsys, host_dirs, setting, message):
-    code = cli.main(["--models-dir", str(tmp_path), "--output-dir", str(tmp_path), "train",
+    code = cli_main(["--models-dir", str(tmp_path), "--output-dir", str(tmp_path), "train",
                      "--set", "base_model=m", "--set", "dataset=d", "--set", setting])
     assert code == 2
     err = capsys.readouterr().err

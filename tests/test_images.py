@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainers.images import IMAGE_EXTENSIONS, ImageError, check_image, list_images, open_rgb
+from trainers.data.images import IMAGE_EXTENSIONS, ImageError, check_image, list_images, open_rgb
 
 RED = (255, 0, 0)
 

@@ -2,7 +2,7 @@
 ComfyUI's LoraLoader maps, the tensor shapes it multiplies, and the metadata A1111 and Civitai read.
 
 The expected module sets are built here from the model itself (module classes, as kohya's sd-scripts picks
-them), not from trainers/lora_network.py's patterns."""
+them), not from trainers/networks/lora.py's patterns."""
 import copy
 import datetime
 import hashlib
@@ -14,10 +14,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from trainers import host, lora_network
-from trainers.config import TrainConfig
-from trainers.demo import make_photos
-from trainers.train import train
+from trainers.core import host
+from trainers.networks import lora as lora_network
+from trainers.core.config import TrainConfig
+from trainers.testing.demo import make_photos
+from trainers.training.loop import train
 
 RANK, ALPHA = 4, 2
 PRESETS = ("attn", "kohya", "locon")
@@ -179,7 +180,7 @@ def test_legacy_hash_covers_the_header_with_training_metadata_as_kohya():
     what is hashed) for sshs_legacy_hash, the bytes past the header for sshs_model_hash."""
     from safetensors.torch import save
 
-    from trainers.lora_metadata import tensor_hashes
+    from trainers.networks.lora_metadata import tensor_hashes
 
     tensors = {"lora_unet_x.lora_down.weight": torch.arange(1 << 20, dtype=torch.float32).reshape(1024, 1024)}
     meta = {"ss_network_dim": "4", "ss_output_name": "x" * 300, "modelspec.title": "ignored by the hashes"}

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from trainers import ldm_keys
-from trainers.model_loading import ModelLoadError, file_sha256, load_sd_components, read_state_dict
-from trainers.toy_models import save_single_file
+from trainers.families import ldm_keys
+from trainers.families.model_loading import ModelLoadError, file_sha256, load_sd_components, read_state_dict
+from trainers.testing.toy_models import save_single_file
 
 ATOL = 1e-5  # weights read from files can sit at unaligned addresses: last-bit differences
 
@@ -182,7 +182,7 @@ def test_old_checkpoint_quirks_are_accepted(toy_sd1, toy_tokenizer_dir, tmp_path
 
 
 def test_missing_tokenizer_says_where_to_get_one(toy_checkpoint, tmp_path, monkeypatch):
-    from trainers import host
+    from trainers.core import host
 
     monkeypatch.setattr(host, "tokenizer_dir", lambda family="sd1": None)
     with pytest.raises(ModelLoadError, match="sd1_tokenizer"):
@@ -190,7 +190,7 @@ def test_missing_tokenizer_says_where_to_get_one(toy_checkpoint, tmp_path, monke
 
 
 def test_sha256_is_cached_by_path_size_and_mtime(tmp_path):
-    from trainers import host
+    from trainers.core import host
 
     path = tmp_path / "weights.safetensors"
     path.write_bytes(b"x" * 1000)

@@ -8,10 +8,11 @@ import pytest
 
 from pack_loader import load_pack
 from test_train_lora import cfg_for
-from trainers import host, methods, path_policy, safe_io
-from trainers.dataset import with_trigger
-from trainers.demo import make_photos
-from trainers.train import train
+from trainers.core import host, path_policy, safe_io
+from trainers.methods import lora as lora_method
+from trainers.data.captions import with_trigger
+from trainers.testing.demo import make_photos
+from trainers.training.loop import train
 
 RESERVED = ["CON", "PRN", "AUX", "NUL", *(f"COM{n}" for n in range(1, 10)), *(f"LPT{n}" for n in range(1, 10))]
 
@@ -139,7 +140,7 @@ def test_each_test_gets_its_own_host_folders_whatever_comfyui_dir_says(monkeypat
     checkout = str(tmp_path_factory.mktemp("ComfyUI"))
     monkeypatch.setenv("COMFYUI_DIR", checkout)
     base = str(tmp_path_factory.getbasetemp())
-    for h in (host, sys.modules[f"{load_pack().__name__}.trainers.host"]):
+    for h in (host, sys.modules[f"{load_pack().__name__}.trainers.core.host"]):
         for path in (h.output_dir(), h.temp_dir(), h.input_dir(), *h.model_roots(), *h.writable_roots()):
             assert path.startswith(base + os.sep) and not path.startswith(checkout), path
 
@@ -189,7 +190,7 @@ def test_hostile_output_name_saves_inside_models_loras(nest, toy_sd1, hostile, s
 
 
 class _NoNameRules:
-    """safe_io as methods.py sees it, with sanitize_name letting every name through."""
+    """safe_io as methods/lora.py sees it, with sanitize_name letting every name through."""
 
     def __getattr__(self, name):
         return getattr(safe_io, name)
@@ -202,7 +203,7 @@ class _NoNameRules:
 def test_export_refuses_to_write_outside_the_writable_roots(nest, toy_sd1, monkeypatch):
     """The second line of defence: were the name rules to let '../' through, the LoRA export still
     writes nothing outside the host's writable folders (models/loras, output, temp)."""
-    monkeypatch.setattr(methods, "safe_io", _NoNameRules())
+    monkeypatch.setattr(lora_method, "safe_io", _NoNameRules())
     escaped = nest["loras"].parent.parent / "escaped.safetensors"
     assert not any(os.path.realpath(escaped).startswith(r + os.sep) for r in host.writable_roots())
     with pytest.raises(PermissionError, match="outside"):

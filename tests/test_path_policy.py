@@ -13,10 +13,13 @@ import pytest
 from PIL import Image
 
 from pack_loader import load_pack
-from trainers import captioning, host, path_policy
-from trainers.dataset import DatasetError, scan_folder
-from trainers.images import list_images
-from trainers.preview_grid import dataset_preview
+from trainers.captioning import blip as blip_mod
+from trainers.core import host, path_policy
+from trainers.data.captions import read_caption
+from trainers.data.errors import DatasetError
+from trainers.data.items import scan_folder
+from trainers.data.images import list_images
+from trainers.dataset_build.preview_grid import dataset_preview
 
 
 def _photo(path, seed=0, size=32):
@@ -41,7 +44,7 @@ def _modules(which):
     if which == "engine":
         return {"host": host, "path_policy": path_policy}
     pack = load_pack().__name__
-    return {k: sys.modules[f"{pack}.trainers.{k}"] for k in ("host", "path_policy")}
+    return {k: sys.modules[f"{pack}.trainers.core.{k}"] for k in ("host", "path_policy")}
 
 
 @contextlib.contextmanager
@@ -117,7 +120,8 @@ def test_files_linked_out_of_an_allowed_folder_are_not_read(engine_server, comfy
     assert "outside ComfyUI" in dict((os.path.basename(p), r) for p, r in skipped)["stolen.png"]
     with pytest.raises(DatasetError, match="own.txt"):  # the caption is a link out: an error, not its text
         scan_folder(str(folder))
-    assert captioning.read_caption(str(folder / "own.txt")) == ""
+    with pytest.raises(DatasetError, match="own.txt"):  # the one caption reader: captioning skips that image
+        read_caption(str(folder / "own.txt"))
     path_policy.force_confined(False)  # the command line reads what its user links
     assert len(list_images(str(folder))[0]) == 2
     assert scan_folder(str(folder))[0].caption == "the private caption"
@@ -159,16 +163,16 @@ def test_model_names_cannot_leave_their_folder(server, comfy_dirs):
 
 
 def test_hub_downloads_are_off_in_the_server(engine_server, comfy_dirs, monkeypatch):
-    with pytest.raises(captioning.CaptionError, match=path_policy.ALLOW_HUB_ENV):
-        captioning.resolve_source("Salesforce/blip-image-captioning-base")
+    with pytest.raises(blip_mod.CaptionError, match=path_policy.ALLOW_HUB_ENV):
+        blip_mod.resolve_source("Salesforce/blip-image-captioning-base")
     monkeypatch.setenv(path_policy.ALLOW_HUB_ENV, "1")
-    assert captioning.resolve_source("Salesforce/blip-image-captioning-base") == (
+    assert blip_mod.resolve_source("Salesforce/blip-image-captioning-base") == (
         "Salesforce/blip-image-captioning-base", False)
     with pytest.raises(path_policy.PathNotAllowed):
-        captioning.resolve_source(str(comfy_dirs["private"]))  # a typed folder obeys the path rules
+        blip_mod.resolve_source(str(comfy_dirs["private"]))  # a typed folder obeys the path rules
     path_policy.force_confined(False)
     monkeypatch.delenv(path_policy.ALLOW_HUB_ENV)
-    assert captioning.resolve_source("Salesforce/blip-image-captioning-base")[1] is False  # the CLI may
+    assert blip_mod.resolve_source("Salesforce/blip-image-captioning-base")[1] is False  # the CLI may
 
 
 # ---- the nodes, as ComfyUI imports them -------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_train_lora import cfg_for, env, fresh  # noqa: F401 (fixtures)
-from trainers.train import train
+from trainers.training.loop import train
 
 PINNED_LOSSES = [1.1631472, 1.2684146, 1.066144, 0.7257657, 1.0514386, 1.1085771]
 PINNED_ABS_SUM = 1053.2607159372697  # sum of |w| over every tensor of the saved fp32 LoRA

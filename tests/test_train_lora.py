@@ -8,12 +8,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from trainers import host, lora_network, train as train_mod
-from trainers.config import ConfigError, TrainConfig
-from trainers.dataset import DatasetError, LatentCache, scan_folder
-from trainers.demo import make_photos
-from trainers.evaluate import denoising_loss
-from trainers.train import TrainingError, train
+from trainers.core import host
+from trainers.networks import lora as lora_network
+from trainers.training import objective
+from trainers.core.config import ConfigError, TrainConfig
+from trainers.data.caches import LatentCache
+from trainers.data.errors import DatasetError
+from trainers.data.items import scan_folder
+from trainers.testing.demo import make_photos
+from trainers.evaluate.denoising import denoising_loss
+from trainers.training.loop import TrainingError, train
 
 
 @pytest.fixture
@@ -95,7 +99,7 @@ def test_saved_file_round_trips_to_identical_forward(env, fresh, preset, te):
 
 
 def test_every_saved_key_is_a_kohya_key_of_an_ldm_module(env, fresh, toy_sd1):
-    from trainers.ldm_keys import diffusers_to_ldm, ldm_module_name
+    from trainers.families.ldm_keys import diffusers_to_ldm, ldm_module_name
 
     comps = fresh()
     result = train(cfg_for(env, steps=1, preset="locon", train_text_encoder=True), components=comps)
@@ -186,7 +190,7 @@ def test_cancel_saves_a_checkpoint_and_resume_continues_the_same_curve(env, fres
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, fresh, monkeypatch):
-    real = train_mod._diffusion_loss
+    real = objective.diffusion_loss
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -194,7 +198,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, fresh, monkeypat
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    monkeypatch.setattr(train_mod, "_diffusion_loss", flaky)
+    monkeypatch.setattr(objective, "diffusion_loss", flaky)
     with pytest.raises(TrainingError, match="step 4.*step_000002"):
         train(cfg_for(env, steps=6, save_every=2), components=fresh())
     ckpts = env["root"] / "output" / "personalize" / "runs" / "subject" / "checkpoints"

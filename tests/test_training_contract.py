@@ -14,12 +14,15 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from test_dataset_build import _bucket_folder, build
 from test_train_lora import cfg_for, env, fresh, interrupt_at  # noqa: F401 (fixtures)
-from trainers import dataset as dataset_mod, host, lora_network, train as train_mod, train_state
-from trainers.components import SD_SCHEDULER_CONFIG
-from trainers.demo import make_photos
-from trainers.families import get_family
-from trainers.optim import make_optimizer
-from trainers.train import train
+from trainers.core import host, train_state
+from trainers.data import caches, order
+from trainers.networks import lora as lora_network
+from trainers.training import objective
+from trainers.families.components import SD_SCHEDULER_CONFIG
+from trainers.testing.demo import make_photos
+from trainers.families.registry import get_family
+from trainers.training.optim import make_optimizer
+from trainers.training.loop import train
 
 
 def logged(run_dir, key):
@@ -58,7 +61,7 @@ def test_resume_of_a_bucketed_dataset_in_a_fresh_process_trains_the_same_batches
     cut = cfg_for(env, output_name="cut", **settings)
     with pytest.raises(host.Interrupted):
         train(cut, components=fresh(), progress=interrupt_at(3))
-    for cached in vars(dataset_mod).values():  # a new process remembers no batch order: work it out again
+    for cached in vars(order).values():  # a new process remembers no batch order: work it out again
         getattr(cached, "cache_clear", lambda: None)()
     resumed = train(cut, components=fresh())
     assert logged(resumed.run_dir, "loss") == logged(straight.run_dir, "loss")
@@ -87,7 +90,7 @@ def loss_of(prediction_type="epsilon", seed=0, batch=1, **cfg):
     settings = SimpleNamespace(**{"min_snr_gamma": 0.0, "noise_offset": 0.0, **cfg})
     latents = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(1000 + seed))
     unet = FixedPrediction()
-    loss = train_mod._diffusion_loss(settings, unet, get_family("sd1"), scheduler, scheduler.alphas_cumprod,
+    loss = objective.diffusion_loss(settings, unet, get_family("sd1"), scheduler, scheduler.alphas_cumprod,
                                      latents, torch.zeros(batch, 77, 32), torch.Generator().manual_seed(seed), "cpu")
     noisy, t = unet.seen[0]
     return loss.item(), latents.double(), noisy, t, scheduler.alphas_cumprod.double()
@@ -181,7 +184,7 @@ def spied_run(env, fresh, monkeypatch, **kw):
     """Train `kw` and return what the loop did: the items it drew, each micro-batch's gradient of its own loss
     (taken aside, without touching .grad), and the .grad every optimizer step applied."""
     drawn, micro_grads, applied = [], [], []
-    real_sample, real_loss = dataset_mod.LatentCache.sample, train_mod._diffusion_loss
+    real_sample, real_loss = caches.LatentCache.sample, objective.diffusion_loss
 
     def sample(self, index, generator=None):
         drawn.append(index)
@@ -198,8 +201,8 @@ def spied_run(env, fresh, monkeypatch, **kw):
         applied.append({id(p): p.grad.clone() for g in optimizer.param_groups for p in g["params"]})
 
     with monkeypatch.context() as patch:
-        patch.setattr(dataset_mod.LatentCache, "sample", sample)
-        patch.setattr(train_mod, "_diffusion_loss", loss)
+        patch.setattr(caches.LatentCache, "sample", sample)
+        patch.setattr(objective, "diffusion_loss", loss)
         hook = register_optimizer_step_pre_hook(before_step)
         try:
             train(cfg_for(env, **kw), components=fresh())
@@ -228,13 +231,13 @@ def test_accumulated_micro_batches_are_the_global_batch_and_their_gradient_is_th
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_caption_dropout_trains_that_share_of_steps_on_the_empty_caption(env, fresh, monkeypatch, dropout):
-    seen, real_get = [], dataset_mod.CaptionCache.get
+    seen, real_get = [], caches.CaptionCache.get
 
     def get(self, captions):
         seen.extend(captions)
         return real_get(self, captions)
 
-    monkeypatch.setattr(dataset_mod.CaptionCache, "get", get)
+    monkeypatch.setattr(caches.CaptionCache, "get", get)
     train(cfg_for(env, steps=40, caption_dropout=dropout, output_name=f"drop{dropout}"), components=fresh())
     empty = seen.count("")
     assert len(seen) == 40 and all(c.startswith("sks") for c in seen if c)

@@ -40,12 +40,14 @@ def make_photos(folder: str, count: int = 6, size: int = 256, seed: int = 0) -> 
 def run_demo(out: str, steps: int = 120) -> str:
     import torch
 
-    from . import dataset, host, lora_network
-    from .config import TrainConfig
-    from .evaluate import denoising_loss
-    from .model_loading import load_sd_components
+    from ..core import host
+    from ..core.config import TrainConfig
+    from ..data import caches, items as data_items
+    from ..evaluate.denoising import denoising_loss
+    from ..families.model_loading import load_sd_components
+    from ..networks import lora as lora_network
+    from ..training.loop import train
     from .toy_models import build_sd1, save_single_file
-    from .train import train
 
     out = os.path.abspath(out)
     host.configure(models_dir=os.path.join(out, "models"), output_dir=os.path.join(out, "output"))
@@ -65,10 +67,10 @@ def run_demo(out: str, steps: int = 120) -> str:
     # Base vs trained on the training photos, with the file as ComfyUI would load it.
     from safetensors.torch import load_file
 
-    items = dataset.scan_folder(photos, trigger_word="sks")
+    items = data_items.scan_folder(photos, trigger_word="sks")
     base = load_sd_components(ckpt)
     with torch.no_grad():
-        lat = dataset.LatentCache.build(items, base.vae, 64)
+        lat = caches.LatentCache.build(items, base.vae, 64)
         latents = torch.stack([lat.sample(i, torch.Generator().manual_seed(0)) for i in range(len(items))])
     texts = [it.caption for it in items]
     before = denoising_loss(base, latents, texts)

@@ -10,7 +10,7 @@ def denoising_loss(comps, latents: torch.Tensor, texts: list[str], *, seed: int 
                    timesteps=(100, 300, 500, 700, 900)) -> float:
     """Mean epsilon-prediction error of `comps.unet` on these latents and captions, with fixed noise
     and timesteps, so two models (base vs trained) are compared on identical draws."""
-    from .families import get_family
+    from ..families.registry import get_family
 
     family = get_family(comps.family)
     scheduler = comps.noise_scheduler()

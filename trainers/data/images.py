@@ -12,7 +12,7 @@ import unicodedata
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import path_policy
+from ..core import path_policy
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 

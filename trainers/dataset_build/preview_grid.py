@@ -7,8 +7,8 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
-from . import path_policy
-from .dataset import MANIFEST_NAME
+from ..core import path_policy
+from ..data.items import MANIFEST_NAME
 
 BACKGROUND = (30, 30, 30)
 TEXT = (235, 235, 235)

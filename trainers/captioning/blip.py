@@ -1,4 +1,4 @@
-"""Captioning images with BLIP: one model load, batched generation, caption files beside images.
+"""Captioning images with BLIP: one model load, batched generation (caption files: folders.py).
 
 Models are transformers BLIP folders (the layout of Salesforce/blip-image-captioning-base
 and -large: config.json, weights, processor and tokenizer files) in ComfyUI's
@@ -8,26 +8,22 @@ inside ComfyUI its memory manager may move it off the GPU when other models need
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from PIL import Image
 
-from . import host, path_policy, safe_io
-from .images import ImageError, list_images, open_rgb, shrink
+from ..core import host, path_policy
+from ..core.dtypes import DTYPES
+from ..data.images import shrink
 
 log = logging.getLogger(__name__)
 
 BLIP_FOLDER = "blip"
-POLICIES = ("keep", "overwrite", "append")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MODEL_MARKERS = ("config.json",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -192,19 +188,6 @@ def unload() -> bool:
 
 # ----------------------------------------------------------------------------- captioning
 
-def images_from_tensor(images: torch.Tensor) -> list[Image.Image]:
-    """ComfyUI IMAGE batch ([B,H,W,C] floats in 0..1) to 8-bit RGB PIL images."""
-    if images.ndim == 3:
-        images = images.unsqueeze(0)
-    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    out = []
-    for a in arrays:
-        if a.shape[-1] == 1:
-            a = np.repeat(a, 3, axis=-1)
-        out.append(Image.fromarray(np.ascontiguousarray(a[..., :3]), "RGB"))
-    return out
-
-
 def clean_caption(text: str) -> str:
     """One line, single spaces, no space before punctuation ("a man , sitting" -> "a man, sitting")."""
     text = re.sub(r"\s+", " ", text or "").strip()
@@ -352,153 +335,3 @@ def caption_images(captioner: BlipCaptioner, images: list[Image.Image], prefix_p
             if progress is not None:
                 progress(len(captions), len(images))
     return captions
-
-
-# ----------------------------------------------------------------------------- folders
-
-@dataclass
-class CaptionReport:
-    folder: str
-    written: list[str] = field(default_factory=list)  # caption files written
-    kept: list[str] = field(default_factory=list)  # images whose existing caption was kept
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    captions: dict[str, str] = field(default_factory=dict)  # image path -> text now in its caption file
-
-    def summary(self) -> str:
-        lines = [f"Captioned {len(self.written)} image(s) in {self.folder}; kept {len(self.kept)} existing "
-                 f"caption(s); skipped {len(self.skipped)}."]
-        lines += [f"skipped {os.path.basename(p)}: {why}" for p, why in self.skipped]
-        return "\n".join(lines)
-
-
-def caption_path(image_path: str) -> str:
-    return os.path.splitext(image_path)[0] + ".txt"
-
-
-def read_caption(path: str) -> str:
-    """The caption in `path` ('' when missing); a BOM or stray line breaks do not matter."""
-    if not os.path.isfile(path) or not path_policy.readable(path):  # a link out is not read (nor appended to)
-        return ""
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        return clean_caption(f.read())
-
-
-def caption_folder(captioner: BlipCaptioner, folder: str, policy: str = "keep", prefix: str = "",
-                   suffix: str = "", prefix_prompt: str = "", batch_size: int = 8, progress=None,
-                   check_interrupt=None, **generate) -> CaptionReport:
-    """Write `name.txt` beside each image of `folder` (not its sub-folders).
-
-    keep: images that already have a non-empty caption are left alone (the model never sees
-    them); overwrite: replace it; append: add the new caption after the old one. Each file is
-    written atomically once its batch is done, so a Cancel leaves only complete files.
-    Unreadable images are skipped with the reason logged and reported. Each image is decoded
-    at reduced size (`decode_side`) as it is opened, so a batch of big photos stays small.
-    """
-    if policy not in POLICIES:
-        raise CaptionError(f"Unknown caption policy '{policy}': use one of {', '.join(POLICIES)}.")
-    folder = os.path.abspath(os.path.expanduser(str(folder or "").strip()))
-    if not os.path.isdir(folder):
-        raise CaptionError(f"Image folder '{folder}' does not exist.")
-    report = CaptionReport(folder)
-    paths, report.skipped = list_images(folder)
-    todo, owners = [], {}
-    for path in paths:
-        target = caption_path(path).lower()
-        if target in owners:  # a.jpg and a.png would share a.txt
-            report.skipped.append((path, f"its caption file would be the same as {os.path.basename(owners[target])}'s"))
-            continue
-        owners[target] = path
-        existing = read_caption(caption_path(path))
-        if policy == "keep" and existing:
-            report.kept.append(path)
-            report.captions[path] = existing
-        else:
-            todo.append(path)
-
-    check = check_interrupt or host.check_interrupt
-    batch_size = max(1, int(batch_size))
-    side = decode_side(captioner)
-    done = 0
-    for start in range(0, len(todo), batch_size):
-        check()
-        batch_paths, images = [], []
-        for path in todo[start:start + batch_size]:
-            try:
-                images.append(open_rgb(path, max_short_side=side))
-                batch_paths.append(path)
-            except ImageError as e:
-                log.warning("Skipping %s: %s", path, e.reason)
-                report.skipped.append((path, e.reason))
-        if images:
-            captions = caption_images(captioner, images, prefix_prompt=prefix_prompt, batch_size=batch_size,
-                                      check_interrupt=check, **generate)
-            for path, caption in zip(batch_paths, captions):
-                text = caption
-                if policy == "append":
-                    old = read_caption(caption_path(path))
-                    text = f"{old}, {caption}" if old else caption
-                text = apply_affixes(text, prefix, suffix)
-                safe_io.write_text(caption_path(path), text + "\n")
-                report.written.append(caption_path(path))
-                report.captions[path] = text
-        done += len(todo[start:start + batch_size])
-        if progress is not None:
-            progress(done, len(todo))
-    return report
-
-
-# ----------------------------------------------------------------------------- command line
-
-def add_caption_command(subparsers) -> argparse.ArgumentParser:
-    """`caption FOLDER --model NAME`: write BLIP captions beside the images of a folder."""
-    p = subparsers.add_parser("caption", help="write BLIP captions (name.txt) beside the images of a folder",
-                              description=add_caption_command.__doc__)
-    p.add_argument("folder", help="folder of images; captions are written beside them")
-    p.add_argument("--model", required=True,
-                   help="a folder under <models>/blip, a full path to a BLIP folder, or a hub id (org/name)")
-    # SUPPRESS: a main parser's own --models-dir (given before 'caption') is not reset to None.
-    p.add_argument("--models-dir", default=argparse.SUPPRESS,
-                   help="the models root holding blip/ (default: $COMFYUI_DIR/models or ./models)")
-    p.add_argument("--policy", choices=POLICIES, default="keep", help="what to do with existing captions")
-    p.add_argument("--prompt", default="", help='conditional start, e.g. "a photo of" (not repeated in the file)')
-    p.add_argument("--prefix", default="", help='text put before each caption, e.g. "a photo of sks person"')
-    p.add_argument("--suffix", default="", help="text put after each caption")
-    p.add_argument("--beams", type=int, default=3, help="beam search width (1: greedy)")
-    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
-    p.add_argument("--seed", type=int, default=0, help="seed for --sample")
-    p.add_argument("--min-length", type=int, default=5, help="minimum caption length in tokens")
-    p.add_argument("--max-length", type=int, default=30, help="maximum caption length in tokens")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: fp16 on CUDA, else fp32")
-    p.set_defaults(func=run_caption_command)
-    return p
-
-
-def run_caption_command(args) -> int:
-    if getattr(args, "models_dir", None):
-        host.configure(models_dir=args.models_dir)
-    try:
-        captioner = load_blip(args.model, device=args.device, dtype=args.dtype)
-    except CaptionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    def progress(done, total):
-        print(f"\r{done}/{total} images", end="" if done < total else "\n", file=sys.stderr, flush=True)
-
-    try:
-        report = caption_folder(captioner, args.folder, policy=args.policy, prefix=args.prefix, suffix=args.suffix,
-                                prefix_prompt=args.prompt, batch_size=args.batch_size, progress=progress,
-                                num_beams=args.beams, do_sample=args.sample, seed=args.seed,
-                                min_length=args.min_length, max_length=args.max_length)
-    except CaptionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BaseException as e:
-        if host.is_interrupt(e):
-            print("\nstopped; the captions written so far are complete", file=sys.stderr)
-            return 130
-        raise
-    print(report.summary())
-    return 0

@@ -10,7 +10,7 @@ def sample_image(comps, unet, prompt: str, *, resolution: int, steps: int, seed:
     """One image for `prompt` with the current weights (LoRA active), as a PIL image."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from .components import SD_SCHEDULER_CONFIG
+    from ..families.components import SD_SCHEDULER_CONFIG
 
     scheduler = DPMSolverMultistepScheduler(prediction_type=comps.prediction_type,
                                             **{k: v for k, v in SD_SCHEDULER_CONFIG.items() if k != "clip_sample"})

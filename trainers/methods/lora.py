@@ -1,10 +1,10 @@
-"""Training methods: what becomes trainable and what gets saved. The loop is shared."""
+"""The LoRA method: adapters on the UNet (and optionally the text encoder), saved as a kohya-format LoRA file."""
 from __future__ import annotations
 
-import torch
-
-from . import host, lora_network, safe_io
-from .lora_metadata import lora_metadata
+from ..core import host, safe_io
+from ..core.dtypes import DTYPES
+from ..networks import lora as lora_network
+from ..networks.lora_metadata import lora_metadata
 
 
 class LoraMethod:
@@ -34,7 +34,7 @@ class LoraMethod:
 
     def export(self, comps, family, *, captions, dataset_dir, steps, started) -> str:
         cfg = self.cfg
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_precision]
+        dtype = DTYPES[cfg.save_precision]
         tensors = lora_network.kohya_state_dict(comps.unet, comps.text_encoder if cfg.train_text_encoder else None,
                                                 dtype=dtype)
         meta = lora_metadata(cfg, family, comps.info, captions, dataset_dir, steps, started, tensors)
@@ -42,10 +42,3 @@ class LoraMethod:
         return safe_io.save_new(host.model_dirs("loras")[0], safe_io.sanitize_name(cfg.output_name, "lora"),
                                 ".safetensors", safe_io.safetensors_writer(tensors, meta),
                                 roots=host.writable_roots())
-
-
-METHODS = {"lora": LoraMethod}
-
-
-def get_method(cfg):
-    return METHODS[cfg.method](cfg)

@@ -21,7 +21,6 @@ the next build resumes it.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -32,7 +31,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -40,10 +38,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import face_crop, host, path_policy, phash, safe_io
+from ..core import host, safe_io
+from ..data.captions import read_caption
+from ..data.errors import DatasetError
+from ..data.images import ImageError, list_images, to_rgb
+from ..data.items import MANIFEST_NAME
+from ..data.pixels import check_resolution
+from . import face_crop, phash
 from .buckets import make_buckets, nearest_bucket
-from .dataset import MANIFEST_NAME, DatasetError, check_resolution, read_caption
-from .images import ImageError, list_images, to_rgb
 
 log = logging.getLogger("personalize")
 
@@ -664,63 +666,3 @@ def _ordered_map(fn, items, workers: int):
         finally:
             for f in pending:
                 f.cancel()
-
-
-# ---- command line ----------------------------------------------------------------------
-
-def add_build_command(subparsers) -> argparse.ArgumentParser:
-    """`build-dataset FOLDER`: prepare a folder of images (+ .txt captions) into a training dataset."""
-    d = BuildSettings()
-    p = subparsers.add_parser("build-dataset", help="prepare images and captions into a dataset folder",
-                              description=add_build_command.__doc__)
-    p.add_argument("folder", help="folder of images; a same-name .txt beside an image is its caption")
-    p.add_argument("--name", default="", help="dataset name (default: the folder's name)")
-    p.add_argument("--out", help="parent folder of the dataset, inside the output folder (default: <output>/personalize/datasets)")
-    p.add_argument("--resolution", type=int, default=d.resolution)
-    p.add_argument("--mode", choices=MODES, default=d.mode)
-    p.add_argument("--face-crop", action="store_true", help="centre crops on the largest face (needs OpenCV)")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="times each image appears per epoch")
-    p.add_argument("--bucket-step", type=int, default=d.bucket_step)
-    p.add_argument("--min-ratio", type=float, default=d.min_ratio, help="narrowest bucket (width/height)")
-    p.add_argument("--max-ratio", type=float, default=d.max_ratio, help="widest bucket (width/height)")
-    p.add_argument("--no-dedupe", action="store_true", help="keep near-duplicate images")
-    p.add_argument("--dedupe-threshold", type=int, default=d.dedupe_threshold)
-    p.add_argument("--class-images", default="", help="DreamBooth class-images folder to record with the dataset")
-    p.add_argument("--preview", help="also write a preview grid PNG here (inside the output folder)")
-    p.add_argument("--workers", type=int, default=0, help="threads (default: up to 4)")
-    p.set_defaults(func=run_build_command)
-    return p
-
-
-def run_build_command(args) -> int:
-    settings = BuildSettings(resolution=args.resolution, mode=args.mode, face_crop=args.face_crop,
-                             repeats=args.repeats, bucket_step=args.bucket_step, min_ratio=args.min_ratio,
-                             max_ratio=args.max_ratio, dedupe=not args.no_dedupe,
-                             dedupe_threshold=args.dedupe_threshold)
-
-    def progress(done, total):
-        print(f"\r{done}/{total} images", end="" if done < total else "\n", file=sys.stderr, flush=True)
-
-    # A local tool reads anywhere but writes only inside its output and model folders.
-    for option, path in (("--out", args.out), ("--preview", args.preview)):
-        if path and not path_policy.is_inside(path, host.writable_roots()):
-            print(f"error: {option} {path} is outside the output folder {host.output_dir()}; give a path inside "
-                  f"it, or choose the output folder with --output-dir.", file=sys.stderr)
-            return 2
-    try:
-        result = build_from_folder(args.folder, args.name, settings, root=args.out, class_images=args.class_images,
-                                   workers=args.workers or None, progress=progress)
-    except BaseException as e:
-        if host.is_interrupt(e):
-            print("\nstopped; run the same command again to finish (done images are reused)", file=sys.stderr)
-            return 130
-        raise
-    if args.preview:
-        from .preview_grid import dataset_preview
-
-        buf = io.BytesIO()
-        dataset_preview(result.path).save(buf, "PNG")
-        safe_io.write_bytes(args.preview, buf.getvalue())
-    print(result.summary(), file=sys.stderr)
-    print(json.dumps({k: v for k, v in result.dataset_value().items() if k != "summary"}, ensure_ascii=False))
-    return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from .components import SD_SCHEDULER_CONFIG, SDComponents
+from ..families.components import SD_SCHEDULER_CONFIG, SDComponents
 
 # Byte-level BPE alphabet of CLIP's tokenizer (the GPT-2 byte encoder).
 def _byte_alphabet() -> list[str]:
@@ -96,8 +96,8 @@ def save_single_file(components: SDComponents, path: str, dtype=None) -> str:
     The metadata carries the config values the weights cannot show (GroupNorm groups, heads),
     so our loader rebuilds these small models exactly. dtype (e.g. torch.float16) halves the file.
     """
-    from .ldm_keys import config_hints, diffusers_to_ldm
-    from .safe_io import save_safetensors
+    from ..families.ldm_keys import config_hints, diffusers_to_ldm
+    from ..core.safe_io import save_safetensors
 
     return save_safetensors(diffusers_to_ldm(components, dtype=dtype), path, metadata=config_hints(components))
 
@@ -106,7 +106,7 @@ def save_diffusers_folder(components: SDComponents, directory: str) -> str:
     """A diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/ and model_index.json."""
     import diffusers
 
-    from .safe_io import write_json
+    from ..core.safe_io import write_json
 
     os.makedirs(directory, exist_ok=True)
     components.unet.save_pretrained(os.path.join(directory, "unet"))

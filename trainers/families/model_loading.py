@@ -14,9 +14,10 @@ import re
 
 import torch
 
-from . import host, ldm_keys
+from ..core import host
+from ..core.safe_io import write_json
+from . import ldm_keys
 from .components import SDComponents
-from .safe_io import write_json
 
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 SUPPORTED = ("Supported are Stable Diffusion 1.x models: a single-file checkpoint (.safetensors, or "

@@ -5,31 +5,27 @@ on several processes: accelerate owns devices, mixed precision and gradient sync
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import time
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from . import dataset, host, path_policy, train_state
-from .buckets import scale_bucket
-from .config import TrainConfig
-from .families import get_family
-from .methods import get_method
+from ..core import host, path_policy, train_state
+from ..core.config import TrainConfig
+from ..core.dtypes import DTYPES
+from ..core.run_dir import RunDir, find_resumable, new_run
+from ..data import caches, items as data_items
+from ..families.registry import get_family
+from ..methods.registry import get_method
+from . import batches, objective
 from .plots import loss_curve
-from .run_dir import RunDir, find_resumable, new_run
+from .resume import TrainingError, restore, trainable_state
 
 log = logging.getLogger("personalize")
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -54,8 +50,8 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     host.free_memory()
     # The base model and the dataset come first: which run may be resumed depends on both.
     comps = components or _load_base(cfg)
-    items = dataset.scan_folder(cfg.dataset, trigger_word=cfg.trigger_word)
-    built_at = dataset.built_resolution(cfg.dataset)
+    items = data_items.scan_folder(cfg.dataset, trigger_word=cfg.trigger_word)
+    built_at = data_items.built_resolution(cfg.dataset)
     identity = _identity(cfg, items, comps)
     notes = []
     run, checkpoints, passed_over = _open_run(cfg, accelerator, identity)
@@ -67,12 +63,12 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
 
     family = get_family(comps.family)
     method = get_method(cfg)
-    items, scaled = _fit_buckets(items, built_at, cfg.resolution)
+    items, scaled = batches.fit_buckets(items, built_at, cfg.resolution)
     _note(accelerator, notes, *scaled)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)  # "no": fp32
 
     # Encode every image once: the loop never runs the VAE.
-    latents = dataset.LatentCache.build(items, comps.vae.to(device), cfg.resolution, crop=cfg.crop, flip=cfg.flip,
+    latents = caches.LatentCache.build(items, comps.vae.to(device), cfg.resolution, crop=cfg.crop, flip=cfg.flip,
                                         device=device, rescaled=bool(scaled))
     comps.vae.to("cpu")
     with torch.random.fork_rng(devices=[]):
@@ -82,7 +78,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     if not method.trains_text_encoder:  # frozen text encoder: encode every caption once
         comps.text_encoder.to(device)
         with torch.no_grad():
-            captions = dataset.CaptionCache.build(
+            captions = caches.CaptionCache.build(
                 [it.caption for it in items],
                 lambda texts: family.encode(comps, family.tokenize(comps, texts)).float().cpu())
         comps.text_encoder.to("cpu")
@@ -104,7 +100,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
 
     start_step = 0
     if checkpoints:
-        start_step, fallbacks = _restore(run, checkpoints, comps, optimizer, scheduler, accelerator)
+        start_step, fallbacks = restore(run, checkpoints, comps, optimizer, scheduler, accelerator)
         _note(accelerator, notes, *fallbacks)
         if accelerator.is_main_process:
             run.truncate_log(start_step)
@@ -112,7 +108,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
         run.write_config({**cfg.to_dict(), "resolved": {
             "base_model_path": comps.source, "base_model_sha256": identity["base_model_sha256"],
             "dataset_fingerprint": identity["dataset_fingerprint"], "dataset_resolution": built_at,
-            "train_sizes": _train_sizes(items, cfg.resolution),
+            "train_sizes": batches.train_sizes(items, cfg.resolution),
             "family": comps.family, "images": len(items), "device": str(device),
             "mixed_precision": accelerator.mixed_precision, "processes": accelerator.num_processes}})
 
@@ -129,7 +125,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
 
     def save_checkpoint(at_step):
         if accelerator.is_main_process and not os.path.exists(run.checkpoint_path(at_step)):
-            train_state.save(run.checkpoint_path(at_step), trainable=_trainable_state(comps),
+            train_state.save(run.checkpoint_path(at_step), trainable=trainable_state(comps),
                              optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
                              step=at_step)
             run.prune_checkpoints(cfg.keep_checkpoints)
@@ -140,8 +136,8 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
             t0 = time.time()
             loss_value = 0.0
             for micro in range(cfg.grad_accum):
-                gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, micro, accelerator.process_index))
-                indices = _process_batch(items, cfg, step * cfg.grad_accum + micro, accelerator)
+                gen = torch.Generator().manual_seed(objective.step_seed(cfg.seed, step, micro, accelerator.process_index))
+                indices = batches.process_batch(items, cfg, step * cfg.grad_accum + micro, accelerator)
                 batch_latents = torch.stack([latents.sample(i, gen) for i in indices]).to(device, weight_dtype)
                 texts = [items[i].caption if torch.rand(1, generator=gen).item() >= cfg.caption_dropout else ""
                          for i in indices]
@@ -151,7 +147,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
                     cond = family.encode(comps, family.tokenize(comps, texts), text_encoder)
                 sync = micro == cfg.grad_accum - 1
                 with accelerator.no_sync(unet) if not sync and accelerator.num_processes > 1 else nullcontext():
-                    loss = _diffusion_loss(cfg, unet, family, noise_scheduler, alphas_cumprod,
+                    loss = objective.diffusion_loss(cfg, unet, family, noise_scheduler, alphas_cumprod,
                                            batch_latents, cond, gen, device)
                     accelerator.backward(loss / cfg.grad_accum)
                 loss_value += loss.detach().float() / cfg.grad_accum
@@ -244,7 +240,7 @@ def _open_run(cfg: TrainConfig, accelerator, identity: dict) -> tuple[RunDir, li
 def _identity(cfg: TrainConfig, items, comps) -> dict:
     """What a run must share with this config to be resumed (run_dir.IDENTITY)."""
     return {"output_name": cfg.output_name, "run_name": cfg.run_name,
-            "dataset_fingerprint": dataset.dataset_fingerprint(items, cfg.dataset),
+            "dataset_fingerprint": data_items.dataset_fingerprint(items, cfg.dataset),
             "base_model_sha256": comps.info.get("sha256", "")}  # "" for components passed in (tests, demo)
 
 
@@ -259,7 +255,7 @@ def _resumed_config(cfg: TrainConfig, run: RunDir, accelerator) -> TrainConfig:
 
 
 def _load_base(cfg: TrainConfig):
-    from .model_loading import load_sd_components
+    from ..families.model_loading import load_sd_components
 
     local = not path_policy.server_rules()  # the command line may name any file; a graph, only its folders
     path = cfg.base_model
@@ -284,105 +280,6 @@ def _to_training_dtype(comps, method, weight_dtype, device):
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-
-
-def _trainable_state(comps) -> dict:
-    return {k: p.detach().float().cpu() for k, p in _trainable_params(comps).items()}
-
-
-def _restore(run: RunDir, checkpoints: list[str], comps, optimizer, scheduler, accelerator) -> tuple[int, list[str]]:
-    """Continue from the newest checkpoint that loads; ones that do not are set aside (step_N.bad).
-
-    Returns the step and notes on the checkpoints skipped. Each is read and checked whole before
-    anything is copied into the model or optimizer, so a failed attempt leaves nothing half-restored.
-    """
-    params = _trainable_params(comps)
-    saved, failed = None, []
-    for checkpoint in reversed(checkpoints):
-        try:
-            saved = train_state.load_checked(checkpoint, params, optimizer, scheduler)
-            break
-        except train_state.CheckpointError as e:
-            log.warning("Checkpoint %s cannot be loaded: %s", checkpoint, e)
-            failed.append((os.path.basename(checkpoint), e))
-    if saved is None:
-        reasons = "; ".join(f"{name}: {e}" for name, e in failed)
-        raise TrainingError(f"No checkpoint of the run {run.path} can be loaded ({reasons}). Set resume off to "
-                            f"start a new run (the old run folder is left as it is).")
-    _log_main(accelerator, "resuming from %s (step %d)", checkpoint, saved["step"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    with torch.no_grad():
-        for k, v in saved["trainable"].items():
-            params[k].copy_(v.to(params[k].dtype))
-    accelerator.wait_for_everyone()  # every process has read the bad ones before they move
-    notes = []
-    for name, e in failed:
-        aside = run.set_aside(os.path.join(run.checkpoints, name)) if accelerator.is_main_process else name + ".bad"
-        notes.append(f"Checkpoint {name} of {run.name} could not be loaded ({e}); resumed from step {saved['step']} "
-                     f"instead. The bad one was renamed to {os.path.basename(aside)}.")
-    return saved["step"], notes
-
-
-def _trainable_params(comps) -> dict:
-    """The parameters a checkpoint holds, by their checkpoint names (as _trainable_state writes them)."""
-    params = {}
-    for prefix, model in (("unet", comps.unet), ("text_encoder", comps.text_encoder)):
-        params.update({f"{prefix}.{n}": p for n, p in model.named_parameters() if p.requires_grad})
-    return params
-
-
-def _fit_buckets(items, built_at: int | None, resolution: int) -> tuple[list, list[str]]:
-    """Buckets of a dataset built at another resolution, scaled to `resolution` (aspect kept), and a note."""
-    if not built_at or built_at == resolution or not any(it.bucket for it in items):
-        return items, []
-    items = [dataclasses.replace(it, bucket=scale_bucket(it.bucket, built_at, resolution)) if it.bucket else it
-             for it in items]
-    sizes = ", ".join(f"{size} x{n}" for size, n in _train_sizes(items, resolution).items())
-    return items, [f"Dataset built at {built_at} px, trained at {resolution} px: buckets scaled to {sizes}."]
-
-
-def _train_sizes(items, resolution: int) -> dict[str, int]:
-    """Images per trained size "WxH": its bucket, or the square crop."""
-    return dict(Counter(f"{w}x{h}" for w, h in sorted(it.bucket or (resolution, resolution) for it in items)))
-
-
-def _step_seed(seed: int, step: int, micro: int, process: int) -> int:
-    """Every random draw of a step comes from this seed, so a resumed run repeats the same curve."""
-    return (seed * 1_000_003 + step * 1009 + micro * 31 + process) % (2**63)
-
-
-def _process_batch(items, cfg: TrainConfig, micro_step: int, accelerator) -> list[int]:
-    """This process's share of the global batch; a bucketed dataset draws the whole global batch from one bucket."""
-    per = cfg.batch_size
-    total = per * accelerator.num_processes
-    if dataset.uses_bucket_batches(items):
-        indices = dataset.bucket_batch_indices([it.bucket for it in items], [it.repeats for it in items],
-                                               total, micro_step, cfg.seed)
-    else:
-        indices = dataset.batch_indices(len(items), total, micro_step, cfg.seed)
-    return indices[accelerator.process_index * per:(accelerator.process_index + 1) * per]
-
-
-def _diffusion_loss(cfg, unet, family, noise_scheduler, alphas_cumprod, latents, cond, gen, device):
-    noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
-    if cfg.noise_offset:
-        noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(noise)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    pred = unet(noisy, t, cond, **family.unet_kwargs(latents.shape[0], device)).sample
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, t)
-    else:
-        target = noise
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if cfg.min_snr_gamma:
-        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
-        if noise_scheduler.config.prediction_type == "v_prediction":
-            weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
-        loss = loss * weight
-    return loss.mean()
 
 
 def _validate(cfg, comps, accelerator, unet, run, step, device):

@@ -1,0 +1,1 @@
+"""Model families: how a family (SD1.x today) is loaded, tokenized, encoded and keyed in files."""

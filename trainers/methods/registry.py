@@ -1,0 +1,10 @@
+"""Training methods: what becomes trainable and what gets saved. The loop is shared; a method is one registry line."""
+from __future__ import annotations
+
+from .lora import LoraMethod
+
+METHODS = {"lora": LoraMethod}
+
+
+def get_method(cfg):
+    return METHODS[cfg.method](cfg)

@@ -1,0 +1,1 @@
+"""Adapter types: how a module's weight changes (LoRA), its file keys and metadata."""

@@ -1,0 +1,1 @@
+"""Toy models and the demo: a whole run without downloads."""
