@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from ..trainers.core import host
-from ..trainers.core.config import CROPS, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULERS, TrainConfig
+from ..trainers.core.config import CROPS, NETWORKS, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULERS, TrainConfig
 from .convert import blank_image, pil_to_image
 from .paths import node_dataset, node_folder
 
@@ -58,6 +58,8 @@ class TrainLoRA:
                 "validation_prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "Optional prompt rendered during training to watch progress, e.g. 'a photo of sks dog on the beach'."}),
                 "validation_every": ("INT", {"default": _D.validation_every, "min": 0, "max": 100000, "tooltip": "Render the validation prompt every N steps (0: only at the end)."}),
                 "resume": ("BOOLEAN", {"default": _D.resume, "tooltip": "Continue the latest unfinished (cancelled) run of this output name, if it used the same dataset and base model; otherwise a new run starts and the node says why."}),
+                "network": (list(NETWORKS), {"default": _D.network, "tooltip": "lora: classic LoRA (LoCon with the locon preset). loha: LyCORIS LoHa, a Hadamard product of two low-rank pairs (more expressive at the same rank). lokr: LyCORIS LoKr, a Kronecker product (very small files). All load with LoraLoader."}),
+                "lokr_factor": ("INT", {"default": _D.lokr_factor, "min": -1, "max": 1024, "tooltip": "LoKr only: size of the small Kronecker factor (e.g. 4, 8, 16); -1 picks the most balanced split, as LyCORIS does. 0 is not allowed."}),
                 "dataset": ("DATASET", {"tooltip": "A dataset from 'Build Dataset'; overrides dataset_folder."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},

@@ -8,7 +8,8 @@ Run with ComfyUI's interpreter, from the ComfyUI checkout (the integration tests
 It computes, for one fixed latent, timestep and conditioning (and one prompt's tokens):
 ComfyUI's UNet and CLIP outputs without and with the LoRA (comfy.sd.load_lora_for_models,
 strength 1, weights patched by comfy.model_management.load_models_gpu), then the same with
-our engine (load_sd_components, lora_network.attach + load_kohya). Everything runs in fp32.
+our engine (load_sd_components, the file's network type (LoRA, LoHa, LoKr, from its ss_network_* metadata):
+attach + load). Everything runs in fp32.
 It prints one line `EQUIVALENCE {json}` with the relative errors and the patch counts.
 """
 from __future__ import annotations
@@ -98,8 +99,18 @@ def main(argv=None) -> dict:
     mm.unload_all_models()
 
     # --- our engine -----------------------------------------------------------
-    from trainers.networks import lora as lora_network
+    from safetensors import safe_open
+
     from trainers.families.model_loading import load_sd_components
+    from trainers.networks import registry
+    from trainers.networks import targets as keys
+
+    with safe_open(args.lora, "pt") as f:
+        meta = f.metadata() or {}
+    net_args = json.loads(meta.get("ss_network_args") or "{}")
+    network = registry.get(net_args.get("algo", "lora"))
+    rank, factor = int(meta["ss_network_dim"]), int(net_args.get("factor", -1))
+    results["network"] = network.name
 
     comps = load_sd_components(args.ckpt, tokenizer_dir=os.path.join(comfy_dir, "comfy", "sd1_tokenizer"))
     comps.unet.eval()
@@ -115,23 +126,22 @@ def main(argv=None) -> dict:
 
     ours_base_unet, ours_base_te = ours_unet(), ours_te()
     stems = {k.split(".")[0] for k in lora}
-    locon = {lora_network.kohya_stem(n, lora_network.UNET_PREFIX) for n in lora_network.unet_targets(comps.unet, "locon")}
-    file_unet = {s for s in stems if s.startswith(lora_network.UNET_PREFIX)}
+    locon = {keys.kohya_stem(n, keys.UNET_PREFIX) for n in keys.unet_targets(comps.unet, "locon")}
+    file_unet = {s for s in stems if s.startswith(keys.UNET_PREFIX)}
     results["locon_stems_missing_from_file"] = sorted(locon - file_unet)
     results["file_stems_outside_locon"] = sorted(file_unet - locon)
     attached = {}
-    for model_, prefix, key in ((comps.unet, lora_network.UNET_PREFIX, "unet"),
-                                (comps.text_encoder, lora_network.TE_PREFIX, "te")):
+    for model_, prefix, key in ((comps.unet, keys.UNET_PREFIX, "unet"),
+                                (comps.text_encoder, keys.TE_PREFIX, "te")):
         targets = [name for name, _ in model_.named_modules()
-                   if name and lora_network.kohya_stem(name, prefix) in stems]
+                   if name and keys.kohya_stem(name, prefix) in stems]
         attached[key] = len(targets)
         if targets:
-            rank = lora[f"{lora_network.kohya_stem(targets[0], prefix)}.lora_down.weight"].shape[0]
-            lora_network.attach(model_, targets, rank, float(rank))  # load_kohya sets the file's alpha
-    results["unused_stems"] = lora_network.load_kohya(lora, comps.unet, comps.text_encoder)
+            network.attach(model_, targets, rank, float(rank), factor)  # load sets the file's alpha
+    results["unused_stems"] = network.load(lora, comps.unet, comps.text_encoder)
     ours_lora_unet, ours_lora_te = ours_unet(), ours_te()
-    results["file_unet_stems"] = sum(s.startswith(lora_network.UNET_PREFIX) for s in stems)
-    results["file_te_stems"] = sum(s.startswith(lora_network.TE_PREFIX) for s in stems)
+    results["file_unet_stems"] = sum(s.startswith(keys.UNET_PREFIX) for s in stems)
+    results["file_te_stems"] = sum(s.startswith(keys.TE_PREFIX) for s in stems)
     results["ours_unet_modules"], results["ours_te_modules"] = attached["unet"], attached["te"]
 
     # --- comparison -------------------------------------------------------------

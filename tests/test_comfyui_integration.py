@@ -216,10 +216,20 @@ def test_one_prompt_trains_and_applies_through_the_trained_lora_link(comfy, phot
 
 
 # --- numerics: ComfyUI's LoRA application == our peft model ----------------------------------------
-def test_lora_applied_by_comfyui_changes_the_model_as_our_peft_model(comfy, toy_checkpoint, locon_te_lora, tmp_path):
+@pytest.mark.parametrize("network", ["lora", "loha", "lokr"])
+def test_lora_applied_by_comfyui_changes_the_model_as_our_peft_model(comfy, toy_checkpoint, locon_te_lora, photos,
+                                                                    tmp_path, network):
+    path = locon_te_lora["path"]
+    if network != "lora":  # LyCORIS: trained through /prompt too, alpha != rank so that the scale matters
+        name = f"it_{network}_locon_te"
+        entry, log, _ = run_prompt(comfy, {"1": {"class_type": TRAIN, "inputs": train_inputs(
+            photos, name, network=network, preset="locon", train_text_encoder=True, steps=2, unet_lr=1e-3,
+            alpha=2.0)}})
+        assert_success(entry, log)
+        path = os.path.join(comfy.model_folder("loras"), name + ".safetensors")
     script = os.path.join(REPO, "tests", "comfy_lora_equivalence.py")
     started = time.monotonic()
-    proc = subprocess.run([comfy.python, script, "--ckpt", toy_checkpoint, "--lora", locon_te_lora["path"],
+    proc = subprocess.run([comfy.python, script, "--ckpt", toy_checkpoint, "--lora", path,
                            "--work", str(tmp_path), "--comfy-dir", comfy.comfy_dir],
                           cwd=comfy.comfy_dir, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("EQUIVALENCE ")]
@@ -228,6 +238,7 @@ def test_lora_applied_by_comfyui_changes_the_model_as_our_peft_model(comfy, toy_
     print(f"\nequivalence script: {time.monotonic() - started:.1f} s; "
           + ", ".join(f"{k}={v:.2e}" for k, v in r.items() if k.endswith(("_err", "_size"))))
     # Every tensor of the file lands in both: ComfyUI patches one weight per module, we attach one adapter.
+    assert r["network"] == network
     assert r["keys_not_loaded"] == [] and r["unused_stems"] == []
     assert r["comfy_unet_patches"] == r["file_unet_stems"] == r["ours_unet_modules"] > 0
     assert r["comfy_clip_patches"] == r["file_te_stems"] == r["ours_te_modules"] == 12 * 6  # CLIP-L: q k v out fc1 fc2

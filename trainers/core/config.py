@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 METHODS = ("lora",)  # DreamBooth and DreamBooth+LoRA use the same loop; they land with their issue.
 PRESETS = ("attn", "kohya", "locon")
+NETWORKS = ("lora", "loha", "lokr")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -41,9 +42,11 @@ class TrainConfig:
     method: str = "lora"
 
     # The network.
+    network: str = "lora"  # lora (LoCon with the locon preset), loha or lokr (LyCORIS)
     preset: str = "attn"  # attn: to_q/k/v/out.0; kohya: + proj_in/out and feed-forward; locon: + convs
     rank: int = 16
     alpha: float = 16.0
+    lokr_factor: int = -1  # LoKr: the Kronecker factor's size (-1: as balanced as possible, as LyCORIS)
     train_text_encoder: bool = False
     save_precision: str = "fp16"  # dtype of the saved file: fp16 (the ecosystem's default), bf16 or fp32
 
@@ -102,6 +105,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(options)}.")
 
         choice("method", METHODS)
+        choice("network", NETWORKS)
         choice("preset", PRESETS)
         choice("optimizer", OPTIMIZERS)
         choice("lr_scheduler", SCHEDULERS)
@@ -123,6 +127,8 @@ class TrainConfig:
                      "warmup_steps", "save_every", "validation_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (got {getattr(self, name)}).")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ConfigError(f"lokr_factor must be -1 (automatic) or at least 1 (got {self.lokr_factor}).")
         if self.alpha <= 0:
             raise ConfigError(f"alpha must be positive (got {self.alpha}); alpha = rank means scale 1.")
         if not 0.0 <= self.caption_dropout < 1.0:

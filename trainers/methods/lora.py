@@ -3,17 +3,19 @@ from __future__ import annotations
 
 from ..core import host, safe_io
 from ..core.dtypes import DTYPES
-from ..networks import lora as lora_network
+from ..networks import registry, targets
 from ..networks.lora_metadata import lora_metadata
 
 
 class LoraMethod:
-    """LoRA on the UNet (and optionally the text encoder), saved as a kohya-format file in models/loras."""
+    """A network (cfg.network: LoRA, LoHa, LoKr) on the UNet and optionally the text encoder, saved as a
+    kohya / LyCORIS file in models/loras."""
 
     name = "lora"
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.network = registry.get(cfg.network)
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -24,20 +26,23 @@ class LoraMethod:
         cfg = self.cfg
         comps.text_encoder.requires_grad_(False)
         comps.vae.requires_grad_(False)
-        targets = lora_network.unet_targets(comps.unet, cfg.preset)
-        groups = [{"params": lora_network.attach(comps.unet, targets, cfg.rank, cfg.alpha), "lr": cfg.unet_lr}]
+        net = self.network
+        unet_targets = targets.unet_targets(comps.unet, cfg.preset)
+        groups = [{"params": net.attach(comps.unet, unet_targets, cfg.rank, cfg.alpha, cfg.lokr_factor),
+                   "lr": cfg.unet_lr}]
         if cfg.train_text_encoder:
-            te_targets = lora_network.text_encoder_targets(comps.text_encoder)
-            groups.append({"params": lora_network.attach(comps.text_encoder, te_targets, cfg.rank, cfg.alpha),
+            te_targets = targets.text_encoder_targets(comps.text_encoder)
+            groups.append({"params": net.attach(comps.text_encoder, te_targets, cfg.rank, cfg.alpha, cfg.lokr_factor),
                            "lr": cfg.text_encoder_lr})
         return groups
 
     def export(self, comps, family, *, captions, dataset_dir, steps, started) -> str:
         cfg = self.cfg
         dtype = DTYPES[cfg.save_precision]
-        tensors = lora_network.kohya_state_dict(comps.unet, comps.text_encoder if cfg.train_text_encoder else None,
-                                                dtype=dtype)
-        meta = lora_metadata(cfg, family, comps.info, captions, dataset_dir, steps, started, tensors)
+        tensors = self.network.state_dict(comps.unet, comps.text_encoder if cfg.train_text_encoder else None,
+                                          dtype=dtype)
+        meta = lora_metadata(cfg, family, comps.info, captions, dataset_dir, steps, started, tensors,
+                             self.network.metadata(cfg))
         # name, name_2...: taken at the moment of writing, so an export running beside this one keeps its file
         return safe_io.save_new(host.model_dirs("loras")[0], safe_io.sanitize_name(cfg.output_name, "lora"),
                                 ".safetensors", safe_io.safetensors_writer(tensors, meta),

@@ -34,15 +34,10 @@ def tensor_hashes(tensors: dict, metadata: dict | None = None) -> tuple[str, str
 
 
 def lora_metadata(cfg, family, base_info: dict, captions: list[str], dataset_dir: str,
-                  steps: int, started: float, tensors: dict) -> dict:
-    network_args = {}
-    if cfg.preset == "locon":
-        network_args = {"conv_dim": str(cfg.rank), "conv_alpha": str(cfg.alpha)}
+                  steps: int, started: float, tensors: dict, network_meta: dict) -> dict:
+    """`network_meta`: the network type's ss_network_module/dim/alpha/args."""
     meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(cfg.rank),
-        "ss_network_alpha": str(cfg.alpha),
-        "ss_network_args": json.dumps(network_args),
+        **network_meta,
         "ss_network_train_unet_only": str(not cfg.train_text_encoder),
         "ss_base_model_version": family.base_model_version,
         "ss_v2": "False",

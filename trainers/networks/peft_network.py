@@ -1,0 +1,105 @@
+"""What every network type shares: attaching a peft adapter, naming its tensors in the file, loading them back.
+
+A network type only says which peft config builds it, which peft parameters become which file suffixes,
+the scale its loaders (ComfyUI, A1111) apply, and its `ss_network_*` metadata.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .targets import TE_PREFIX, UNET_PREFIX, kohya_stem
+
+ADAPTER = "default"
+
+
+class PeftNetwork:
+    name = ""
+    module = ""  # ss_network_module
+    tensors: dict = {}  # peft parameter dict on the layer -> file key suffix
+
+    def peft_config(self, targets: list[str], rank: int, alpha: float, factor: int):
+        raise NotImplementedError
+
+    def attach(self, model, targets: list[str], rank: int, alpha: float, factor: int = -1) -> list:
+        """Add a trainable adapter to `model` on exactly these modules; base weights stay frozen.
+        Returns the adapter's parameters (the only ones left with requires_grad)."""
+        from peft import inject_adapter_in_model
+
+        model.requires_grad_(False)
+        inject_adapter_in_model(self.peft_config(targets, rank, alpha, factor), model, adapter_name=ADAPTER)
+        names = tuple(self.tensors)
+        params = [p for n, p in model.named_parameters() if any(f".{t}." in n for t in names)]
+        for p in params:
+            p.requires_grad_(True)
+        for _, layer in self.layers(model):
+            layer.scaling[ADAPTER] = self.scale(layer, float(self.alpha(layer)))
+        return params
+
+    def layers(self, model):
+        """(module name, peft layer) for every module of `model` adapted by this network."""
+        for name, module in model.named_modules():
+            if any(ADAPTER in getattr(module, attr, {}) for attr in self.tensors):
+                yield name, module
+
+    def alpha(self, layer):
+        return layer.alpha[ADAPTER]
+
+    def scale(self, layer, alpha: float) -> float:
+        """The factor the file's loaders multiply the weight change by (ComfyUI: alpha / rank)."""
+        return alpha / layer.r[ADAPTER]
+
+    def _tensor(self, layer, attr):
+        value = getattr(layer, attr)[ADAPTER]
+        return value.weight if isinstance(value, torch.nn.Module) else value
+
+    def _stems(self, unet, text_encoder):
+        for model, prefix in ((unet, UNET_PREFIX), (text_encoder, TE_PREFIX)):
+            if model is not None:
+                for name, layer in self.layers(model):
+                    yield kohya_stem(name, prefix), layer
+
+    def state_dict(self, unet, text_encoder=None, dtype=torch.float16) -> dict:
+        """The adapters as kohya / LyCORIS tensors: `<stem>.<suffix>` and `<stem>.alpha` as trained."""
+        out = {}
+        for stem, layer in self._stems(unet, text_encoder):
+            for attr, suffix in self.tensors.items():
+                if ADAPTER in getattr(layer, attr):
+                    out[f"{stem}.{suffix}"] = self._tensor(layer, attr).detach().to("cpu", dtype)
+            out[f"{stem}.alpha"] = torch.tensor(float(self.alpha(layer)))
+        return out
+
+    def load(self, state_dict: dict, unet, text_encoder=None) -> list[str]:
+        """Copy file tensors into adapters already attached to the models; returns the stems it did not use."""
+        layers = dict(self._stems(unet, text_encoder))
+        stems = {k.split(".")[0] for k in state_dict}
+        for stem in stems & layers.keys():
+            layer = layers[stem]
+            with torch.no_grad():
+                for attr, suffix in self.tensors.items():
+                    if ADAPTER in getattr(layer, attr):
+                        param = self._tensor(layer, attr)
+                        param.copy_(state_dict[f"{stem}.{suffix}"].to(param.dtype))
+            if f"{stem}.alpha" in state_dict:
+                layer.scaling[ADAPTER] = self.scale(layer, float(state_dict[f"{stem}.alpha"]))
+        return sorted(stems - layers.keys())
+
+    def delta_weight(self, layer) -> torch.Tensor:
+        """W' - W of one adapted module, in the module's weight shape."""
+        return layer.get_delta_weight(ADAPTER).reshape(layer.get_base_layer().weight.shape)
+
+    def network_args(self, cfg) -> dict:
+        return {"conv_dim": str(cfg.rank), "conv_alpha": str(cfg.alpha)} if cfg.preset == "locon" else {}
+
+    def metadata(self, cfg) -> dict:
+        return {"ss_network_module": self.module, "ss_network_dim": str(cfg.rank),
+                "ss_network_alpha": str(cfg.alpha), "ss_network_args": json.dumps(self.network_args(cfg))}
+
+
+class LycorisNetwork(PeftNetwork):
+    """LyCORIS algorithms: kohya's `lycoris.kohya` module with the algorithm named in its args."""
+    module = "lycoris.kohya"
+
+    def network_args(self, cfg) -> dict:
+        return {"algo": self.name, **super().network_args(cfg)}
