@@ -5,7 +5,7 @@ weights built in code), 6 photos at 128 px, rank 4, batch 1, 30 steps, fp32. Pri
 time to first step, steady-state s/step and peak RSS. Reference figures measured on the
 same 2-core machine: diffusers train_dreambooth_lora.py 0.50 s/step, ComfyUI TrainLoraNode 0.97 s/step.
 
-    python bench/bench_lora.py [--steps 30] [--resolution 128] [--size mini]
+    python bench/bench_lora.py [--steps 30] [--resolution 128] [--size mini] [--network lora|loha|lokr]
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--resolution", type=int, default=128)
     ap.add_argument("--size", default="mini", choices=["tiny", "mini"])
     ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--network", default="lora", choices=["lora", "loha", "lokr"])
     ap.add_argument("--images", type=int, default=6)
     ap.add_argument("--in-memory", action="store_true",
                     help="hand the built model to the trainer instead of loading it from a checkpoint file")
@@ -59,7 +60,7 @@ def main():
         subprocess.run([sys.executable, os.path.abspath(__file__), "--make-checkpoint", args.size, work], check=True)
         comps = None
     cfg = TrainConfig(base_model="bench.safetensors", dataset=data, output_name="bench", trigger_word="sks", rank=args.rank,
-                      alpha=args.rank, steps=args.steps, batch_size=1, resolution=args.resolution,
+                      network=args.network, alpha=args.rank, steps=args.steps, batch_size=1, resolution=args.resolution,
                       mixed_precision="no", lr_scheduler="constant", warmup_steps=0, save_every=0,
                       validation_every=0, resume=False)
     marks = []
@@ -70,7 +71,7 @@ def main():
     steady = statistics.median(per_step[len(per_step) // 4:]) if per_step else float("nan")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"model: {args.size} SD1.x; "
-          f"{args.images} images at {args.resolution}px, rank {args.rank}, batch 1, fp32, {torch.get_num_threads()} threads")
+          f"{args.images} images at {args.resolution}px, {args.network} rank {args.rank}, batch 1, fp32, {torch.get_num_threads()} threads")
     print(f"time to first step: {first:.2f} s ({'model built in memory' if args.in_memory else 'loading the checkpoint file'}"
           ", latent and caption caching included)")
     print(f"steady-state: {steady:.3f} s/step (median of steps {len(per_step)//4 + 2}..{args.steps})")
