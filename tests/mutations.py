@@ -160,7 +160,7 @@ MUTATIONS = [
 # ---- training numerics: scheduler restore, min-SNR, pruning, optimizer choice, 2-process equivalence, noise
 # offset, grad accumulation, gradient checkpointing, v-prediction, schedules. ----
 MUTATIONS += [
-    Mutation("caption_dropout_ignored", "trainers/training/loop.py",
+    Mutation("caption_dropout_ignored", "trainers/methods/base.py",
              "if torch.rand(1, generator=gen).item() >= cfg.caption_dropout else", "if True else",
              ("tests/test_training_contract.py::test_caption_dropout_trains_that_share_of_steps_on_the_empty_caption",)),
 ]
@@ -213,7 +213,7 @@ MUTATIONS += [
              'accelerator.backward(loss / cfg.grad_accum)',
              'accelerator.backward(loss)',
              ('tests/test_training_contract.py::test_accumulated_micro_batches_are_the_global_batch_and_their_gradient_is_the_mean',)),
-    Mutation('accum_overlapping_items', 'trainers/training/loop.py',
+    Mutation('accum_overlapping_items', 'trainers/methods/base.py',
              'step * cfg.grad_accum + micro',
              'step + micro',
              ('tests/test_training_contract.py::test_accumulated_micro_batches_are_the_global_batch_and_their_gradient_is_the_mean',)),
@@ -318,8 +318,8 @@ MUTATIONS += [
              '    unet, optimizer = comps.unet, prepared[-1]\n',
              ('tests/test_cli.py::test_accelerate_launch_two_processes',)),
     Mutation('dist_te_not_ddp', 'trainers/training/loop.py',
-             'cond = family.encode(comps, family.tokenize(comps, texts), text_encoder)',
-             'cond = family.encode(comps, family.tokenize(comps, texts))',
+             'cond = family.encode(comps, family.tokenize(comps, batch.texts), text_encoder)',
+             'cond = family.encode(comps, family.tokenize(comps, batch.texts))',
              ('tests/test_cli.py::test_accelerate_launch_two_processes',)),
     Mutation('bucket_order_unseeded', 'trainers/data/order.py',
              'rng = np.random.default_rng([seed & (2**64 - 1), epoch, 1])',

@@ -93,7 +93,7 @@ def loss_of(prediction_type="epsilon", seed=0, batch=1, **cfg):
     loss = objective.diffusion_loss(settings, unet, get_family("sd1"), scheduler, scheduler.alphas_cumprod,
                                      latents, torch.zeros(batch, 77, 32), torch.Generator().manual_seed(seed), "cpu")
     noisy, t = unet.seen[0]
-    return loss.item(), latents.double(), noisy, t, scheduler.alphas_cumprod.double()
+    return loss.mean().item(), latents.double(), noisy, t, scheduler.alphas_cumprod.double()
 
 
 def noise_and_velocity(x0, noisy, t, alphas_cumprod):
@@ -193,7 +193,7 @@ def spied_run(env, fresh, monkeypatch, **kw):
     def loss(cfg, unet, *args):
         value = real_loss(cfg, unet, *args)
         params = [p for p in unet.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(value, params, retain_graph=True)
+        grads = torch.autograd.grad(value.mean(), params, retain_graph=True)  # per-sample losses, LoRA's mean
         micro_grads.append({id(p): g for p, g in zip(params, grads)})
         return value
 

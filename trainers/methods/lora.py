@@ -5,16 +5,17 @@ from ..core import host, safe_io
 from ..core.dtypes import DTYPES
 from ..networks import registry, targets
 from ..networks.lora_metadata import lora_metadata
+from .base import Artifact, TrainingMethod
 
 
-class LoraMethod:
+class LoraMethod(TrainingMethod):
     """A network (cfg.network: LoRA, LoHa, LoKr) on the UNet and optionally the text encoder, saved as a
     kohya / LyCORIS file in models/loras."""
 
     name = "lora"
 
     def __init__(self, cfg):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.network = registry.get(cfg.network)
 
     @property
@@ -36,7 +37,7 @@ class LoraMethod:
                            "lr": cfg.text_encoder_lr})
         return groups
 
-    def export(self, comps, family, *, captions, dataset_dir, steps, started) -> str:
+    def export(self, comps, family, *, captions, dataset_dir, steps, started) -> Artifact:
         cfg = self.cfg
         dtype = DTYPES[cfg.save_precision]
         tensors = self.network.state_dict(comps.unet, comps.text_encoder if cfg.train_text_encoder else None,
@@ -44,6 +45,7 @@ class LoraMethod:
         meta = lora_metadata(cfg, family, comps.info, captions, dataset_dir, steps, started, tensors,
                              self.network.metadata(cfg))
         # name, name_2...: taken at the moment of writing, so an export running beside this one keeps its file
-        return safe_io.save_new(host.model_dirs("loras")[0], safe_io.sanitize_name(cfg.output_name, "lora"),
+        path = safe_io.save_new(host.model_dirs("loras")[0], safe_io.sanitize_name(cfg.output_name, "lora"),
                                 ".safetensors", safe_io.safetensors_writer(tensors, meta),
                                 roots=host.writable_roots())
+        return Artifact("lora", path)

@@ -1,5 +1,8 @@
 """The training loop: one loop for every method (LoRA now; DreamBooth variants plug in as methods).
 
+The loop knows no method by name: it calls only the method's hooks (methods/base.py) to build a batch, reduce
+the per-sample loss, work after a step, fill a checkpoint and export what the run produces.
+
 Runs the same in a ComfyUI node, from the command line and under `accelerate launch`
 on several processes: accelerate owns devices, mixed precision and gradient sync.
 """
@@ -20,23 +23,29 @@ from ..core.dtypes import DTYPES
 from ..core.run_dir import RunDir, find_resumable, new_run
 from ..data import caches, items as data_items
 from ..families.registry import get_family
+from ..methods.base import Artifact, TrainData
 from ..methods.registry import get_method
 from . import batches, objective
 from .plots import loss_curve
-from .resume import TrainingError, restore, trainable_state
+from .resume import TrainingError, restore
 
 log = logging.getLogger("personalize")
 
 
 @dataclass
 class TrainResult:
-    lora_path: str
+    artifact: Artifact | None  # what the run wrote (None on the processes other than the main one)
     run_dir: str
     steps: int
     log: list = field(default_factory=list)  # [{"step", "loss", "lr"}...]
     validation_image: object = None  # PIL image of the last validation, if any
     notes: list = field(default_factory=list)  # what the user should know: a run not resumed and why, a
     # checkpoint that fell back to an older one, buckets scaled to the training resolution
+
+    @property
+    def lora_path(self) -> str:
+        """The file the run wrote ("" where none): the LoRA file of a LoRA run."""
+        return self.artifact.path if self.artifact else ""
 
     def loss_image(self):
         return loss_curve([r["step"] for r in self.log], [r["loss"] for r in self.log])
@@ -123,9 +132,11 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     if method.trains_text_encoder:
         text_encoder.train()
 
+    data = TrainData(items=items, latents=latents, accelerator=accelerator)
+
     def save_checkpoint(at_step):
         if accelerator.is_main_process and not os.path.exists(run.checkpoint_path(at_step)):
-            train_state.save(run.checkpoint_path(at_step), trainable=trainable_state(comps),
+            train_state.save(run.checkpoint_path(at_step), trainable=method.trainable_state(comps),
                              optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
                              step=at_step)
             run.prune_checkpoints(cfg.keep_checkpoints)
@@ -137,18 +148,17 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
             loss_value = 0.0
             for micro in range(cfg.grad_accum):
                 gen = torch.Generator().manual_seed(objective.step_seed(cfg.seed, step, micro, accelerator.process_index))
-                indices = batches.process_batch(items, cfg, step * cfg.grad_accum + micro, accelerator)
-                batch_latents = torch.stack([latents.sample(i, gen) for i in indices]).to(device, weight_dtype)
-                texts = [items[i].caption if torch.rand(1, generator=gen).item() >= cfg.caption_dropout else ""
-                         for i in indices]
+                batch = method.batch(step, micro, gen, data)
+                batch_latents = batch.latents.to(device, weight_dtype)
                 if captions is not None:
-                    cond = captions.get(texts).to(device, weight_dtype)
+                    cond = captions.get(batch.texts).to(device, weight_dtype)
                 else:
-                    cond = family.encode(comps, family.tokenize(comps, texts), text_encoder)
+                    cond = family.encode(comps, family.tokenize(comps, batch.texts), text_encoder)
                 sync = micro == cfg.grad_accum - 1
                 with accelerator.no_sync(unet) if not sync and accelerator.num_processes > 1 else nullcontext():
-                    loss = objective.diffusion_loss(cfg, unet, family, noise_scheduler, alphas_cumprod,
-                                           batch_latents, cond, gen, device)
+                    per_sample = objective.diffusion_loss(cfg, unet, family, noise_scheduler, alphas_cumprod,
+                                                          batch_latents, cond, gen, device)
+                    loss = method.loss(per_sample, batch)
                     accelerator.backward(loss / cfg.grad_accum)
                 loss_value += loss.detach().float() / cfg.grad_accum
             if cfg.max_grad_norm > 0:
@@ -157,6 +167,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            method.after_step(comps)
             step += 1
 
             loss_value = accelerator.reduce(loss_value.to(device), reduction="mean").item()
@@ -191,14 +202,14 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     save_checkpoint(step)  # so a failed export can be resumed without retraining
     if cfg.validation_prompt:
         validation_image = _validate(cfg, comps, accelerator, unet, run, step, device)
-    lora_path = ""
+    artifact = None
     if accelerator.is_main_process:
-        lora_path = method.export(comps, family, captions=[it.caption for it in items], dataset_dir=cfg.dataset,
-                                  steps=step, started=started)
-        run.mark_finished({"lora": lora_path, "steps": step, "seconds": round(time.time() - started, 2)})
-        log.info("saved %s", lora_path)
+        artifact = method.export(comps, family, captions=[it.caption for it in items], dataset_dir=cfg.dataset,
+                                 steps=step, started=started)
+        run.mark_finished({artifact.kind: artifact.path, "steps": step, "seconds": round(time.time() - started, 2)})
+        log.info("saved %s %s", artifact.kind, artifact.path)
     accelerator.wait_for_everyone()
-    return TrainResult(lora_path=lora_path, run_dir=run.path, steps=step, log=history,
+    return TrainResult(artifact=artifact, run_dir=run.path, steps=step, log=history,
                        validation_image=validation_image, notes=notes)
 
 

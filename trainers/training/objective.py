@@ -1,4 +1,4 @@
-"""The training objective: the noise, timesteps and targets of a step, and the (min-SNR weighted) loss.
+"""The training objective: the noise, timesteps and targets of a step, and the (min-SNR weighted) per-sample loss.
 
 Every random draw of a step comes from one generator seeded by `step_seed`, so a resumed run repeats the same curve.
 """
@@ -14,6 +14,7 @@ def step_seed(seed: int, step: int, micro: int, process: int) -> int:
 
 
 def diffusion_loss(cfg, unet, family, noise_scheduler, alphas_cumprod, latents, cond, gen, device):
+    """The loss of each sample (shape [batch]); the method reduces it (methods.base.TrainingMethod.loss)."""
     noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(noise)
@@ -31,4 +32,4 @@ def diffusion_loss(cfg, unet, family, noise_scheduler, alphas_cumprod, latents, 
         if noise_scheduler.config.prediction_type == "v_prediction":
             weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
         loss = loss * weight
-    return loss.mean()
+    return loss

@@ -1,0 +1,83 @@
+"""The method seam: the hooks the training loop calls, and their defaults.
+
+The loop is one loop for every method. It calls only these: `trains_text_encoder`, `setup` (what is
+trained), `batch` (what a micro-step trains on, with per-sample loss weights), `loss` (the per-sample
+diffusion loss reduced to the scalar that is backpropagated), `after_step` (work after each optimizer
+step), `trainable_state` (what a checkpoint holds) and `export` (the artifact the run produces).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..training import batches as batch_selection
+from ..training.resume import trainable_state
+
+
+@dataclass
+class Batch:
+    """What one micro-step trains on: latents (on the CPU, fp32), their captions, per-sample loss weights."""
+    latents: torch.Tensor
+    texts: list
+    weights: torch.Tensor | None = None  # None: every sample weighs 1 (a plain mean)
+
+
+@dataclass
+class TrainData:
+    """What `batch` draws from: the dataset items, their latent cache and the accelerator (for this process's share)."""
+    items: list
+    latents: object
+    accelerator: object
+
+
+@dataclass
+class Artifact:
+    """What a run produces: `kind` ("lora", an embedding, a checkpoint...) and the file it wrote."""
+    kind: str
+    path: str
+
+
+class TrainingMethod:
+    """Base class of the methods; the defaults are plain fine-tuning of the parameters `setup` returns."""
+
+    name = ""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return False
+
+    def setup(self, comps) -> list[dict]:
+        """Make the trained parameters trainable; returns optimizer parameter groups with their learning rates."""
+        raise NotImplementedError
+
+    def batch(self, step: int, micro: int, gen: torch.Generator, data: TrainData) -> Batch:
+        """This process's items of micro-step `micro` of `step`: a latent per item, its caption or "" (caption
+        dropout). Every random draw comes from `gen`, in this order, so a resumed run repeats the same curve."""
+        cfg = self.cfg
+        indices = batch_selection.process_batch(data.items, cfg, step * cfg.grad_accum + micro, data.accelerator)
+        latents = torch.stack([data.latents.sample(i, gen) for i in indices])
+        texts = [data.items[i].caption if torch.rand(1, generator=gen).item() >= cfg.caption_dropout else ""
+                 for i in indices]
+        return Batch(latents=latents, texts=texts)
+
+    def loss(self, per_sample: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The scalar loss of a micro-batch: the mean of the per-sample losses, weighted by `batch.weights`."""
+        if batch.weights is None:
+            return per_sample.mean()
+        weights = batch.weights.to(per_sample)
+        return (per_sample * weights).sum() / weights.sum()
+
+    def after_step(self, comps) -> None:
+        """After each optimizer step (e.g. restore frozen rows of an embedding); nothing by default."""
+
+    def trainable_state(self, comps) -> dict:
+        """What a checkpoint holds of the models: every trainable parameter, fp32 on the CPU."""
+        return trainable_state(comps)
+
+    def export(self, comps, family, *, captions, dataset_dir, steps, started) -> Artifact:
+        """Write what the run produces (main process only); returns it as an Artifact."""
+        raise NotImplementedError
