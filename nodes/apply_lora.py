@@ -36,12 +36,13 @@ class ApplyTrainedLoRA:
         except ImportError:  # an older ComfyUI
             def validate_node_input(received, expected):
                 return received in (expected, "*")
-        declared = {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES()["optional"]}
+        spec = cls.INPUT_TYPES()  # lists models/loras once
+        declared = {**spec["required"], **spec["optional"]}
         for name, received in input_types.items():
             expected = declared.get(name, (None,))[0]
             if isinstance(expected, str) and not validate_node_input(received, expected):
                 return f"{name} takes {expected}, not {received}"
-        if "trained_lora" in input_types or lora_name in host.list_models("loras"):
+        if "trained_lora" in input_types or lora_name in declared["lora_name"][0]:
             return True
         return f"LoRA '{lora_name}' is not in models/loras; pick one from the list or link Train LoRA's lora_name"
 

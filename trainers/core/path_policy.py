@@ -96,6 +96,15 @@ def node_path(value: str, what: str, write: bool = False) -> str:
     return path
 
 
+def readable_check():
+    """For the files found inside an accepted folder: a predicate, False for a link that leads outside the
+    allowed folders. The allowed folders are resolved once, not once per file."""
+    if not confined():
+        return lambda path: True
+    roots = read_roots()
+    return lambda path: is_inside(path, roots)
+
+
 def readable(path: str) -> bool:
-    """For files found inside an accepted folder: False for a link that leads outside the allowed folders."""
-    return not confined() or is_inside(path, read_roots())
+    """readable_check() for one file."""
+    return readable_check()(path)

@@ -138,12 +138,13 @@ def list_images(folder, check: bool = False) -> tuple[list[str], list[tuple[str,
     """
     folder = os.fspath(folder)
     paths, skipped = [], []
+    readable = path_policy.readable_check()
     names = sorted(os.listdir(folder), key=lambda n: unicodedata.normalize("NFC", n))
     for name in names:
         path = os.path.join(folder, name)
         if name.startswith(".") or name.lower() in _JUNK_NAMES or not os.path.isfile(path):
             continue
-        if not path_policy.readable(path):  # a link out of the folders a graph may read
+        if not readable(path):  # a link out of the folders a graph may read
             skipped.append((path, "a link to a file outside ComfyUI's input, output, temp and model folders"))
             continue
         if not is_image_name(name):
