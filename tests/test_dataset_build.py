@@ -373,8 +373,8 @@ def test_rebuild_reuses_everything_and_is_byte_identical(tmp_path, monkeypatch):
 
     before = snapshot()
     calls = []
-    real = dataset_build._process
-    monkeypatch.setattr(dataset_build, "_process", lambda *a: calls.append(a[0].label) or real(*a))
+    real = dataset_build.process_source
+    monkeypatch.setattr(dataset_build, "process_source", lambda *a: calls.append(a[0].label) or real(*a))
     again = build(src, settings=settings)
     assert calls == [] and again.processed == 0 and again.reused == 5
     assert snapshot() == before  # same bytes, and not even rewritten

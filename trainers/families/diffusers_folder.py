@@ -1,0 +1,73 @@
+"""Loading a diffusers SD1.x folder (model_index.json with unet/, vae/ and text_encoder/) from local files."""
+from __future__ import annotations
+
+import json
+import os
+
+from .clip_tokenizer import load_tokenizer
+from .components import SDComponents
+from .load_errors import SUPPORTED, ModelLoadError
+from .model_hashes import file_sha256, legacy_hash
+
+
+def load_diffusers_folder(path, tokenizer_dir, dtype) -> SDComponents:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    index_file = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_file):
+        raise ModelLoadError(f"'{path}' is a folder without model_index.json, so not a diffusers model. {SUPPORTED}")
+    try:
+        with open(index_file, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"'{index_file}' is not valid JSON ({e}).") from e
+    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
+        raise ModelLoadError(f"'{path}' is an SDXL diffusers folder. {SUPPORTED}")
+    for part in ("unet", "vae", "text_encoder"):
+        if not os.path.isdir(os.path.join(path, part)):
+            raise ModelLoadError(f"'{path}' has no '{part}' subfolder: the diffusers folder is incomplete.")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True, torch_dtype=dtype,
+                                                    variant=_variant(os.path.join(path, "unet")))
+        if unet.config.cross_attention_dim in (1024, 2048):
+            raise ModelLoadError(f"'{path}' is an SD2.x/SDXL-type model (cross-attention width "
+                                 f"{unet.config.cross_attention_dim}). {SUPPORTED}")
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=dtype,
+                                            variant=_variant(os.path.join(path, "vae")))
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), local_files_only=True)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # missing or corrupt weight files, bad configs
+        raise ModelLoadError(f"'{path}' could not be loaded as a diffusers SD1.x folder: {e}") from e
+    own_tokenizer = os.path.join(path, "tokenizer")
+    tokenizer = load_tokenizer(own_tokenizer if os.path.isdir(own_tokenizer) and tokenizer_dir is None
+                               else tokenizer_dir, path)
+    weights = _weights_file(os.path.join(path, "unet"))
+    return SDComponents(family="sd1", unet=unet.eval(), vae=vae.eval(),
+                        text_encoder=text_encoder.to(dtype).eval(), tokenizer=tokenizer,
+                        prediction_type=_prediction_type(path), source=path,
+                        info={"name": os.path.basename(os.path.normpath(path)), "format": "diffusers",
+                              "legacy_hash": legacy_hash(weights) if weights else "",
+                              "sha256": file_sha256(weights) if weights else ""})
+
+
+def _weights_file(folder: str) -> str | None:
+    names = sorted(f for f in os.listdir(folder) if f.startswith("diffusion_pytorch_model")
+                   and f.endswith((".safetensors", ".bin")))
+    names.sort(key=lambda f: (not f.endswith(".safetensors"), ".fp16." in f))  # the full-precision file first
+    return os.path.join(folder, names[0]) if names else None
+
+
+def _variant(folder: str) -> str | None:
+    """'fp16' when a folder has only the fp16 weight variant."""
+    weights = _weights_file(folder)
+    return "fp16" if weights and ".fp16." in os.path.basename(weights) else None
+
+
+def _prediction_type(path: str) -> str:
+    try:
+        with open(os.path.join(path, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
+            return json.load(f).get("prediction_type") or "epsilon"
+    except (OSError, ValueError):
+        return "epsilon"

@@ -1,0 +1,83 @@
+"""Building the UNet, VAE and text encoder of a single-file checkpoint from its LDM-layout weights."""
+from __future__ import annotations
+
+import os
+
+from . import ldm_keys
+from .clip_tokenizer import load_tokenizer
+from .components import SDComponents
+from .config_inference import check_family, infer_text_config, infer_unet_config, infer_vae_config, read_hints
+from .load_errors import SUPPORTED, ModelLoadError
+from .model_hashes import file_sha256, legacy_hash
+
+
+def load_single_file(path, state_dict, metadata, tokenizer_dir, dtype) -> SDComponents:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    check_family(state_dict, path)
+    hints = read_hints(metadata, path)
+    unet_sd = _strip(state_dict, ldm_keys.UNET_PREFIX)
+    vae_sd = _strip(state_dict, ldm_keys.VAE_PREFIX)
+    if not vae_sd:
+        raise ModelLoadError(f"'{path}' has no VAE (first_stage_model.*): it is not a full checkpoint. {SUPPORTED}")
+    try:
+        unet_config = infer_unet_config(unet_sd, hints.get("unet", {}))
+        vae_config = infer_vae_config(vae_sd, hints.get("vae", {}))
+        parts = ldm_keys.ldm_to_diffusers(state_dict, unet_config, vae_config)
+    except (ldm_keys.KeyMapError, KeyError, IndexError) as e:
+        raise ModelLoadError(f"'{path}' does not have the SD1.x checkpoint layout: {_reason(e)}") from e
+    state_dict.clear()  # `parts` holds the tensors now; each part is released once its model owns a copy
+    if not parts["text_encoder"]:
+        raise ModelLoadError(f"'{path}' has no CLIP text encoder (cond_stage_model.transformer.*). {SUPPORTED}")
+
+    tokenizer = load_tokenizer(tokenizer_dir, path)
+    text_config = infer_text_config(parts["text_encoder"], hints.get("text_encoder", {}), tokenizer, path)
+    if text_config["hidden_size"] != unet_config["cross_attention_dim"]:
+        raise ModelLoadError(f"'{path}': the text encoder width {text_config['hidden_size']} does not match the "
+                             f"UNet's cross-attention width {unet_config['cross_attention_dim']}.")
+
+    unet = _instantiate(lambda: UNet2DConditionModel.from_config(unet_config), parts.pop("unet"), dtype, "UNet", path)
+    vae = _instantiate(lambda: AutoencoderKL.from_config(vae_config), parts.pop("vae"), dtype, "VAE", path)
+    text_encoder = _instantiate(lambda: CLIPTextModel(CLIPTextConfig(**text_config)),
+                                parts.pop("text_encoder"), dtype, "text encoder", path)
+    return SDComponents(family="sd1", unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        prediction_type="epsilon", source=path,
+                        info={"name": os.path.splitext(os.path.basename(path))[0], "format": "single_file",
+                              "legacy_hash": legacy_hash(path), "sha256": file_sha256(path)})
+
+
+def _strip(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _instantiate(build, state_dict: dict, dtype, what: str, path: str):
+    """Build a model without allocating random weights, then take the file's tensors, strictly."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights(include_buffers=False):  # buffers stay real: some are not in files
+            model = build()
+    except (ValueError, TypeError) as e:  # e.g. a width that does not split into the heads
+        raise ModelLoadError(f"'{path}': no {what} can be built from the inferred config: {e}") from e
+    expected = set(model.state_dict())
+    if any(k.startswith(ldm_keys.TEXT_MODEL) for k in expected):  # transformers < 5 names
+        state_dict = {ldm_keys.TEXT_MODEL + k: v for k, v in state_dict.items()}
+    missing, unknown = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unknown:
+        raise ModelLoadError(f"'{path}': {ldm_keys.mismatch_message(what, missing, unknown)}")
+    # Fresh copies: tensors read from a file can sit at unaligned addresses, which changes results
+    # in the last bits and slows some kernels.
+    tensors = {k: v.to(dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state_dict.items()}
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"'{path}': the {what} weights do not fit the inferred model: {e}") from e
+    for buffer in model.buffers():  # (model.to() would make diffusers warn about fp32 modules)
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(dtype)
+    return model.eval()
+
+
+def _reason(e: Exception) -> str:
+    return f"missing key {e}" if isinstance(e, KeyError) else str(e)
