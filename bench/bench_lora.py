@@ -1,4 +1,4 @@
-"""LoRA training speed and memory on the CPU, for the issue's reference setting.
+"""Training speed and memory on the CPU (LoRA, LoHa, LoKr, textual inversion), for the issue's reference setting.
 
 Mini SD1.5 (UNet with SD1.5 widths on two levels, full CLIP-L text encoder, SD VAE; random
 weights built in code), 6 photos at 128 px, rank 4, batch 1, 30 steps, fp32. Prints
@@ -6,6 +6,7 @@ time to first step, steady-state s/step and peak RSS. Reference figures measured
 same 2-core machine: diffusers train_dreambooth_lora.py 0.50 s/step, ComfyUI TrainLoraNode 0.97 s/step.
 
     python bench/bench_lora.py [--steps 30] [--resolution 128] [--size mini] [--network lora|loha|lokr]
+    python bench/bench_lora.py --method textual_inversion   # 1 vector from "dog"; --network does not apply
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def main():
     ap.add_argument("--size", default="mini", choices=["tiny", "mini"])
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--network", default="lora", choices=["lora", "loha", "lokr"])
+    ap.add_argument("--method", default="lora", choices=["lora", "textual_inversion"])
     ap.add_argument("--images", type=int, default=6)
     ap.add_argument("--in-memory", action="store_true",
                     help="hand the built model to the trainer instead of loading it from a checkpoint file")
@@ -62,7 +64,7 @@ def main():
     cfg = TrainConfig(base_model="bench.safetensors", dataset=data, output_name="bench", trigger_word="sks", rank=args.rank,
                       network=args.network, alpha=args.rank, steps=args.steps, batch_size=1, resolution=args.resolution,
                       mixed_precision="no", lr_scheduler="constant", warmup_steps=0, save_every=0,
-                      validation_every=0, resume=False)
+                      validation_every=0, resume=False, method=args.method, init_word="dog")
     marks = []
     t0 = time.perf_counter()
     result = train(cfg, components=comps, progress=lambda step, total, loss: marks.append(time.perf_counter()))
@@ -70,8 +72,9 @@ def main():
     per_step = [b - a for a, b in zip(marks, marks[1:])]
     steady = statistics.median(per_step[len(per_step) // 4:]) if per_step else float("nan")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    trained = f"{args.network} rank {args.rank}" if args.method == "lora" else "textual inversion, 1 vector"
     print(f"model: {args.size} SD1.x; "
-          f"{args.images} images at {args.resolution}px, {args.network} rank {args.rank}, batch 1, fp32, {torch.get_num_threads()} threads")
+          f"{args.images} images at {args.resolution}px, {trained}, batch 1, fp32, {torch.get_num_threads()} threads")
     print(f"time to first step: {first:.2f} s ({'model built in memory' if args.in_memory else 'loading the checkpoint file'}"
           ", latent and caption caching included)")
     print(f"steady-state: {steady:.3f} s/step (median of steps {len(per_step)//4 + 2}..{args.steps})")

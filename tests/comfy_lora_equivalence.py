@@ -37,16 +37,20 @@ class _Collect(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def script_args(doc: str, file_option: str, argv=None, **more) -> argparse.Namespace:
+    """--ckpt, the file under test, --work and --comfy-dir, plus `more` ({option: default})."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--lora", required=True)
+    p.add_argument(file_option, required=True)
     p.add_argument("--work", required=True, help="scratch folder for ComfyUI's temp/output")
     p.add_argument("--comfy-dir", default=os.getcwd())
-    p.add_argument("--prompt", default="a photo of sks ball on the beach")
-    p.add_argument("--timestep", type=float, default=500.0)
-    p.add_argument("--latent", type=int, default=8, help="latent side (pixels / 8)")
-    args = p.parse_args(argv)
+    for option, default in more.items():
+        p.add_argument(option, type=type(default), default=default)
+    return p.parse_args(argv)
+
+
+def start_comfy(args) -> str:
+    """Import ComfyUI from its checkout for CPU and fp32 work, its temp and output in args.work; returns its dir."""
     comfy_dir = os.path.abspath(args.comfy_dir)
     sys.path[:0] = [comfy_dir, REPO]
 
@@ -60,6 +64,14 @@ def main(argv=None) -> dict:
     os.makedirs(args.work, exist_ok=True)
     folder_paths.set_temp_directory(args.work)  # our loader's hash cache lands here, not in the checkout
     folder_paths.set_output_directory(args.work)
+    return comfy_dir
+
+
+def main(argv=None) -> dict:
+    # --latent: the latent side (pixels / 8)
+    args = script_args(__doc__, "--lora", argv, **{"--prompt": "a photo of sks ball on the beach",
+                                                    "--timestep": 500.0, "--latent": 8})
+    comfy_dir = start_comfy(args)
 
     import torch
     import comfy.model_management as mm
@@ -110,6 +122,7 @@ def main(argv=None) -> dict:
     net_args = json.loads(meta.get("ss_network_args") or "{}")
     network = registry.get(net_args.get("algo", "lora"))
     rank, factor = int(meta["ss_network_dim"]), int(net_args.get("factor", -1))
+    conv_rank = int(net_args.get("conv_dim", rank))  # the 3x3 convs' rank (kohya's conv_dim)
     results["network"] = network.name
 
     comps = load_sd_components(args.ckpt, tokenizer_dir=os.path.join(comfy_dir, "comfy", "sd1_tokenizer"))
@@ -137,7 +150,7 @@ def main(argv=None) -> dict:
                    if name and keys.kohya_stem(name, prefix) in stems]
         attached[key] = len(targets)
         if targets:
-            network.attach(model_, targets, rank, float(rank), factor)  # load sets the file's alpha
+            network.attach(model_, targets, rank, float(rank), factor, conv_rank)  # load sets the file's alpha
     results["unused_stems"] = network.load(lora, comps.unet, comps.text_encoder)
     ours_lora_unet, ours_lora_te = ours_unet(), ours_te()
     results["file_unet_stems"] = sum(s.startswith(keys.UNET_PREFIX) for s in stems)

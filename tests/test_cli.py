@@ -44,7 +44,7 @@ def test_train_from_config_file(workspace):
     tensors = load_file(result["lora"])
     assert {v.shape[0] for k, v in tensors.items() if k.endswith("lora_down.weight")} == {2}
     saved = json.load(open(os.path.join(result["run_dir"], "config.json")))
-    assert saved["rank"] == 2 and saved["alpha"] == 1
+    assert saved["lora"]["rank"] == 2 and saved["lora"]["alpha"] == 1  # the run config nests the network group
 
 
 def test_bad_config_is_a_clear_error(workspace):

@@ -107,6 +107,16 @@ def read_log(run_folder: str) -> list[dict]:
         return []
 
 
+def run_equivalence(comfy, script: str, checkpoint: str, work, *args: str) -> dict:
+    """Run one of tests/comfy_*_equivalence.py with ComfyUI's interpreter; returns its EQUIVALENCE record."""
+    proc = subprocess.run([comfy.python, os.path.join(REPO, "tests", script), "--ckpt", checkpoint, *args,
+                           "--work", str(work), "--comfy-dir", comfy.comfy_dir],
+                          cwd=comfy.comfy_dir, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("EQUIVALENCE ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(lines[-1][len("EQUIVALENCE "):])
+
+
 def write_canary_lora(path: str) -> list[str]:
     """A LoRA whose one module exists in no model: ComfyUI must report each of its keys."""
     import torch
@@ -220,21 +230,16 @@ def test_one_prompt_trains_and_applies_through_the_trained_lora_link(comfy, phot
 def test_lora_applied_by_comfyui_changes_the_model_as_our_peft_model(comfy, toy_checkpoint, locon_te_lora, photos,
                                                                     tmp_path, network):
     path = locon_te_lora["path"]
-    if network != "lora":  # LyCORIS: trained through /prompt too, alpha != rank so that the scale matters
+    if network != "lora":  # LyCORIS: trained through /prompt too, alpha != rank so that the scale matters, and
+        # the 3x3 convs with a rank and alpha of their own (kohya's conv_dim / conv_alpha)
         name = f"it_{network}_locon_te"
         entry, log, _ = run_prompt(comfy, {"1": {"class_type": TRAIN, "inputs": train_inputs(
             photos, name, network=network, preset="locon", train_text_encoder=True, steps=2, unet_lr=1e-3,
-            alpha=2.0)}})
+            alpha=2.0, conv_rank=2, conv_alpha=1.0)}})
         assert_success(entry, log)
         path = os.path.join(comfy.model_folder("loras"), name + ".safetensors")
-    script = os.path.join(REPO, "tests", "comfy_lora_equivalence.py")
     started = time.monotonic()
-    proc = subprocess.run([comfy.python, script, "--ckpt", toy_checkpoint, "--lora", path,
-                           "--work", str(tmp_path), "--comfy-dir", comfy.comfy_dir],
-                          cwd=comfy.comfy_dir, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("EQUIVALENCE ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
-    r = json.loads(lines[-1][len("EQUIVALENCE "):])
+    r = run_equivalence(comfy, "comfy_lora_equivalence.py", toy_checkpoint, tmp_path, "--lora", path)
     print(f"\nequivalence script: {time.monotonic() - started:.1f} s; "
           + ", ".join(f"{k}={v:.2e}" for k, v in r.items() if k.endswith(("_err", "_size"))))
     # Every tensor of the file lands in both: ComfyUI patches one weight per module, we attach one adapter.
@@ -248,6 +253,46 @@ def test_lora_applied_by_comfyui_changes_the_model_as_our_peft_model(comfy, toy_
         assert r[f"{part}_base_rel_err"] < 1e-4  # control: the same base model on both sides
         assert r[f"{part}_delta_size"] > 1e-3  # the LoRA really changes the output...
         assert r[f"{part}_delta_rel_err"] < 1e-3  # ...and by the same amount in ComfyUI
+
+
+# --- textual inversion: trained through /prompt, used as embedding:<name> ---------------------------
+TRAIN_TI = "PersonalizeTrainTextualInversion"
+
+
+def ti_inputs(photos: str, output_name: str, **over) -> dict:
+    inputs = dict(ckpt_name=CKPT, dataset_folder=photos, trigger_word="sks", output_name=output_name,
+                  init_word="ball", num_vectors=2, steps=3, embedding_lr=0.05, batch_size=1, resolution=64, seed=1,
+                  mixed_precision="no", save_every=0, warmup_steps=0, lr_scheduler="constant", resume=False)
+    return {**inputs, **over}
+
+
+def test_embedding_trained_in_one_prompt_is_used_by_clip_text_encode(comfy, toy_checkpoint, photos, tmp_path):
+    """One graph: train the embedding, put its `embedding:<name>` output into a prompt, sample with it. Then
+    ComfyUI's conditioning for that prompt is compared with our engine's."""
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": TRAIN_TI, "inputs": ti_inputs(photos, "it_emb")},
+        "3": {"class_type": "StringConcatenate", "inputs": {"string_a": ["2", 1], "string_b": "on the beach",
+                                                            "delimiter": " "}},
+        **sample_nodes(["1", 0], ["1", 1], ["1", 2]),
+    }
+    prompt["10"]["inputs"]["text"] = ["3", 0]
+    entry, log, seconds = run_prompt(comfy, prompt)
+    print(f"\ntextual inversion through /prompt (3 steps) and sampling: {seconds:.1f} s")
+    assert_success(entry, log)
+    assert entry["outputs"]["2"]["text"][0].startswith("it_emb.safetensors: 3 steps")
+    path = os.path.join(comfy.model_folder("embeddings"), "it_emb.safetensors")
+    assert os.path.isfile(path)
+    assert "does not exist" not in log, log  # ComfyUI found embedding:it_emb when it encoded the prompt
+    assert entry["outputs"]["15"]["images"]
+
+    r = run_equivalence(comfy, "comfy_embedding_equivalence.py", toy_checkpoint, tmp_path, "--embedding", path)
+    print("embedding equivalence: " + ", ".join(f"{k}={v}" for k, v in r.items()))
+    assert r["missing_warnings"] == []
+    assert r["comfy_embedding_vectors"] == r["file_vectors"] == 2  # both vectors went into the prompt
+    assert r["control_rel_err"] < 1e-4  # the same base CLIP on both sides
+    assert r["embedding_effect"] > 1e-3  # the trained vectors change the conditioning...
+    assert r["embedding_rel_err"] < 1e-4  # ...and ComfyUI's conditioning is ours
 
 
 # --- cancel and resume -------------------------------------------------------------------------
@@ -302,6 +347,8 @@ def test_shipped_workflow_runs(comfy, photos, tiny_blip, path):
         if kind == TRAIN:
             inputs.update(dataset_folder=photos, output_name=f"wf_{stem}", steps=2, resolution=64, rank=4, alpha=4.0,
                           resume=False)
+        if kind == TRAIN_TI:
+            inputs.update(dataset_folder=photos, output_name=f"wf_{stem}", steps=2, resolution=64, resume=False)
         if kind == "EmptyLatentImage":
             inputs.update(width=64, height=64, batch_size=1)
         if kind in ("KSampler", "KSamplerAdvanced"):
@@ -320,3 +367,6 @@ def test_shipped_workflow_runs(comfy, photos, tiny_blip, path):
             assert entry["outputs"][node_id]["images"], (node_id, entry["outputs"])
     if any(n["class_type"] == TRAIN for n in prompt.values()):
         assert lora_files(comfy, f"wf_{stem}") == [f"wf_{stem}.safetensors"]
+    if any(n["class_type"] == TRAIN_TI for n in prompt.values()):
+        assert os.path.isfile(os.path.join(comfy.model_folder("embeddings"), f"wf_{stem}.safetensors"))
+        assert "does not exist" not in log, log  # the prompt's embedding:wf_<stem> was found

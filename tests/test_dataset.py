@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from trainers.data.caches import CaptionCache, LatentCache
+from trainers.families.conditioning import Conditioning
 from trainers.data.captions import with_trigger
 from trainers.data.errors import DatasetError
 from trainers.data.items import TrainItem, scan_folder
@@ -268,13 +269,15 @@ def test_caption_cache_encodes_each_unique_caption_once():
 
     def encode(captions):
         seen.extend(captions)
-        return torch.stack([torch.full((77, 8), float(len(c))) for c in captions])
+        lengths = torch.tensor([float(len(c)) for c in captions])
+        return Conditioning(lengths[:, None, None].expand(-1, 77, 8), pooled=-lengths[:, None].expand(-1, 4))
 
     cache = CaptionCache.build(["sks dog", "sks dog", "sks, a cat", "sks dog"], encode)
     assert sorted(seen) == ["", "sks dog", "sks, a cat"]  # "" for caption dropout
     out = cache.get(["sks, a cat", "", "sks dog"])
-    assert out.shape == (3, 77, 8)
-    assert out[:, 0, 0].tolist() == [10.0, 0.0, 7.0]
+    assert out.states.shape == (3, 77, 8) and out.pooled.shape == (3, 4)
+    assert out.states[:, 0, 0].tolist() == [10.0, 0.0, 7.0]
+    assert out.pooled[:, 0].tolist() == [-10.0, 0.0, -7.0]  # the pooled row stays with its caption
     with pytest.raises(DatasetError, match="not cached"):
         cache.get(["unknown"])
 

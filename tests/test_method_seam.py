@@ -50,7 +50,8 @@ class RecordingMethod(TrainingMethod):
 
 
 def test_the_loop_calls_only_the_method_hooks(env, fresh, monkeypatch):
-    monkeypatch.setattr(config, "METHODS", config.METHODS + ("recording",))
+    declared = config.spec("method")
+    monkeypatch.setattr(declared, "metadata", {**declared.metadata, "choices": (*config.choices("method"), "recording")})
     monkeypatch.setitem(registry.METHODS, "recording", RecordingMethod)
     RecordingMethod.calls = []
     cfg = cfg_for(env, method="recording", steps=3, grad_accum=2, batch_size=2, save_every=2)

@@ -8,7 +8,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from trainers.core.config import NETWORKS, ConfigError, TrainConfig
+from trainers.core.config import ConfigError, TrainConfig, choices
+from trainers.networks.peft_network import is_spatial_conv
+
+NETWORKS = choices("network")
 from trainers.networks import registry, targets
 from trainers.training.loop import train
 
@@ -93,12 +96,14 @@ def test_every_saved_key_is_lycoris_and_names_an_adapted_module(env, fresh, toy_
                         {"lokr_w1", "lokr_w2", "alpha"}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"}), (stem, mine)
 
 
+@pytest.mark.parametrize("conv", [(0, 0.0), (2, 1.0)], ids=["conv_as_rank", "conv_rank_2"])
 @pytest.mark.parametrize("kind", NETWORKS)
-def test_weight_change_from_the_file_is_comfyuis(fresh, kind):
-    """Random adapters (alpha != rank): ComfyUI's formula on the saved tensors = our delta = peft's merge."""
+def test_weight_change_from_the_file_is_comfyuis(fresh, kind, conv):
+    """Random adapters (alpha != rank, and a conv rank of its own): ComfyUI's formula on the saved tensors = our
+    delta = peft's merge."""
     comps = fresh()
     net = registry.get(kind)
-    net.attach(comps.unet, targets.unet_targets(comps.unet, "locon"), 4, 2.0)
+    net.attach(comps.unet, targets.unet_targets(comps.unet, "locon"), 4, 2.0, -1, *conv)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in comps.unet.parameters():
@@ -118,6 +123,28 @@ def test_weight_change_from_the_file_is_comfyuis(fresh, kind):
         seen.add(f"{stem}.lokr_w2" in tensors)
     if kind == "lokr":
         assert seen == {True, False}  # both full and factored w2 were checked
+
+
+@pytest.mark.parametrize("kind", NETWORKS)
+def test_conv_rank_and_alpha_apply_to_the_3x3_convs_only(env, fresh, kind):
+    result = train(cfg_for(env, network=kind, steps=1, preset="locon", rank=4, alpha=4, conv_rank=2, conv_alpha=1),
+                   components=fresh())
+    tensors = load_file(result.lora_path)
+    unet = fresh().unet
+    spatial = {targets.kohya_stem(n, targets.UNET_PREFIX) for n in targets.unet_targets(unet, "locon")
+               if is_spatial_conv(unet.get_submodule(n))}
+    stems = {k.split(".")[0] for k in tensors}
+    assert spatial and spatial < stems
+    rank_of = {"lora": lambda s: tensors[f"{s}.lora_down.weight"].shape[0],
+               "loha": lambda s: tensors[f"{s}.hada_w1_b"].shape[0]}.get(kind)
+    for stem in stems:
+        conv = stem in spatial
+        assert float(tensors[f"{stem}.alpha"]) == (1.0 if conv else 4.0), stem
+        if rank_of:
+            assert rank_of(stem) == (2 if conv else 4), stem
+    with safe_open(result.lora_path, "pt") as f:
+        args = json.loads(f.metadata()["ss_network_args"])
+    assert args["conv_dim"] == "2" and float(args["conv_alpha"]) == 1.0
 
 
 @pytest.mark.parametrize("kind", LYCORIS)

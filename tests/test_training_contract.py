@@ -19,6 +19,7 @@ from trainers.data import caches, order
 from trainers.networks import lora as lora_network
 from trainers.training import objective
 from trainers.families.components import SD_SCHEDULER_CONFIG
+from trainers.families.conditioning import Conditioning
 from trainers.testing.demo import make_photos
 from trainers.families.registry import get_family
 from trainers.training.optim import make_optimizer
@@ -77,7 +78,7 @@ class FixedPrediction(torch.nn.Module):
         super().__init__()
         self.seen = []
 
-    def forward(self, noisy, t, cond, **kwargs):
+    def forward(self, noisy, t, encoder_hidden_states, **kwargs):
         self.seen.append((noisy.detach().double(), t.clone()))
         return SimpleNamespace(sample=torch.zeros_like(noisy))
 
@@ -91,7 +92,8 @@ def loss_of(prediction_type="epsilon", seed=0, batch=1, **cfg):
     latents = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(1000 + seed))
     unet = FixedPrediction()
     loss = objective.diffusion_loss(settings, unet, get_family("sd1"), scheduler, scheduler.alphas_cumprod,
-                                     latents, torch.zeros(batch, 77, 32), torch.Generator().manual_seed(seed), "cpu")
+                                     latents, Conditioning(torch.zeros(batch, 77, 32)), None,
+                                     torch.Generator().manual_seed(seed), "cpu")
     noisy, t = unet.seen[0]
     return loss.mean().item(), latents.double(), noisy, t, scheduler.alphas_cumprod.double()
 

@@ -34,6 +34,8 @@ CORE_NODES = {
     "SaveImage": ({"images": ["IMAGE"], "filename_prefix": ["STRING", {}]}, []),
     "PreviewImage": ({"images": ["IMAGE"]}, []),
     "LoadImage": ({"image": [[], {"image_upload": True}]}, ["IMAGE", "MASK"]),
+    "StringConcatenate": ({"string_a": ["STRING", {"multiline": True}], "string_b": ["STRING", {"multiline": True}],
+                           "delimiter": ["STRING", {}]}, ["STRING"]),
 }
 
 
@@ -136,12 +138,18 @@ def test_widget_values_fit_the_nodes(workflow):
                 assert isinstance(value, str), (node["type"], name, value)
 
 
-def test_train_lora_workflow_converts_to_a_prompt_that_applies_the_trained_lora():
-    with open(os.path.join(ROOT, "workflows", "train_lora_sd15.json"), encoding="utf-8") as f:
+def shipped_prompt(name: str) -> tuple[dict, dict]:
+    """A shipped workflow as an API prompt, and its node ids by class type."""
+    with open(os.path.join(ROOT, "workflows", name), encoding="utf-8") as f:
         prompt = ui_to_api(json.load(f), object_info())
     by_type = {}
     for node_id, node in prompt.items():
         by_type.setdefault(node["class_type"], []).append(node_id)
+    return prompt, by_type
+
+
+def test_train_lora_workflow_converts_to_a_prompt_that_applies_the_trained_lora():
+    prompt, by_type = shipped_prompt("train_lora_sd15.json")
     assert "MarkdownNote" not in by_type and "Note" not in by_type  # frontend-only
     (train,), (apply,), (sampler,) = by_type["PersonalizeTrainLoRA"], by_type["PersonalizeApplyTrainedLoRA"], \
         by_type["KSampler"]
@@ -154,6 +162,17 @@ def test_train_lora_workflow_converts_to_a_prompt_that_applies_the_trained_lora(
     assert s["model"] == [apply, 0] and s["seed"] == 1234 and s["steps"] == 25 and s["sampler_name"] == "euler"
     previews = {prompt[p]["inputs"]["images"][1] for p in by_type["PreviewImage"] if prompt[p]["inputs"]["images"][0] == train}
     assert previews == {1, 2}  # the loss curve and the validation image
+
+
+def test_textual_inversion_workflow_prompts_with_the_trained_embedding():
+    prompt, by_type = shipped_prompt("train_textual_inversion_sd15.json")
+    (train,), (concat,), (sampler,) = by_type["PersonalizeTrainTextualInversion"], by_type["StringConcatenate"], \
+        by_type["KSampler"]
+    t = prompt[train]["inputs"]
+    assert t["init_word"] == "dog" and t["num_vectors"] == 2 and t["trigger_word"] == "sks" and t["resume"] is True
+    assert prompt[concat]["inputs"]["string_a"] == [train, 1]  # "embedding:<name>", by link
+    positive = prompt[sampler]["inputs"]["positive"][0]
+    assert prompt[positive]["inputs"]["text"] == [concat, 0]
 
 
 # --- ui_to_api on small hand-made graphs ----------------------------------------------

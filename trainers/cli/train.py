@@ -8,7 +8,13 @@ from ..core.config import ConfigError, TrainConfig
 
 
 def add_train_command(subparsers):
-    p = subparsers.add_parser("train", help="train a LoRA from a JSON run config and/or --set key=value")
+    import argparse
+
+    from ..core.config import describe
+
+    p = subparsers.add_parser("train", help="train a LoRA or an embedding from a JSON run config and/or --set "
+                                            "key=value", epilog="settings (for --config JSON or --set):" + describe(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="run config JSON (the run folder's config.json works too)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config field (JSON value)")
     p.add_argument("--progress", action="store_true", help="print every step")
@@ -26,7 +32,7 @@ def _parse_value(text: str):
 def _config_from_args(args) -> TrainConfig:
     data = {}
     if args.config:
-        data.update(TrainConfig.from_json(args.config).to_dict())
+        data.update(TrainConfig.from_json(args.config).values())
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -40,8 +46,8 @@ def run_train_command(args) -> int:
 
     cfg = _config_from_args(args)
     result = train(cfg, progress=_print_progress if args.progress else None)
-    if result.lora_path:
-        print(json.dumps({"lora": result.lora_path, "run_dir": result.run_dir, "steps": result.steps,
+    if result.artifact:
+        print(json.dumps({result.artifact.kind: result.artifact.path, "run_dir": result.run_dir, "steps": result.steps,
                           "final_loss": result.log[-1]["loss"] if result.log else None}))
     return 0
 

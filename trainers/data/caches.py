@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..core.host import check_interrupt
+from ..families.conditioning import Conditioning
 from .errors import DatasetError
 from .images import open_rgb
 from .pixels import CROP_MODES, bucket_pixels, check_resolution, prepare_pixels
@@ -131,7 +132,7 @@ class LatentCache:
 # ---- caption cache ---------------------------------------------------------------------
 
 class CaptionCache:
-    """Text-encoder outputs per unique caption; only valid while the text encoder is frozen."""
+    """The family's Conditioning per unique caption; only valid while the text encoders are frozen."""
 
     def __init__(self, table: dict):
         self.table = table
@@ -139,15 +140,15 @@ class CaptionCache:
     @classmethod
     @torch.no_grad()
     def build(cls, captions, encode_fn, batch_size: int = 16) -> "CaptionCache":
-        """encode_fn(list[str]) -> [N, 77, D]; called once per unique caption, "" included."""
+        """encode_fn(list[str]) -> Conditioning of N rows; called once per unique caption, "" included."""
         unique = list(dict.fromkeys(["", *captions]))
         table = {}
         for start in range(0, len(unique), batch_size):
             chunk = unique[start:start + batch_size]
-            out = encode_fn(chunk)
-            if out.shape[0] != len(chunk):
-                raise ValueError(f"encode_fn returned {out.shape[0]} embeddings for {len(chunk)} captions.")
-            table.update(zip(chunk, out.detach()))
+            rows = encode_fn(chunk).rows()
+            if len(rows) != len(chunk):
+                raise ValueError(f"encode_fn returned {len(rows)} embeddings for {len(chunk)} captions.")
+            table.update(zip(chunk, rows))
         return cls(table)
 
     def __len__(self) -> int:
@@ -156,9 +157,10 @@ class CaptionCache:
     def __contains__(self, caption: str) -> bool:
         return caption in self.table
 
-    def get(self, captions) -> torch.Tensor:
+    def get(self, captions):
+        """The Conditioning of these captions, stacked in their order."""
         try:
-            return torch.stack([self.table[c] for c in captions])
+            return Conditioning.stack([self.table[c] for c in captions])
         except KeyError as e:
             raise DatasetError(f"Caption {e.args[0]!r} was not cached; build the CaptionCache "
                                f"from every caption used in training.") from None

@@ -23,6 +23,10 @@ class TrainItem:
     caption: str
     bucket: tuple[int, int] | None = None  # (width, height) of a prepared image from the dataset builder
     repeats: int = 1  # times the item appears in each epoch
+    # From a built dataset: the source photo's (width, height) and the box (left, top, right, bottom) of it
+    # that was kept. SDXL conditions on them; None for a plain folder (the image is its own original).
+    original_size: tuple[int, int] | None = None
+    crop_box: tuple[int, int, int, int] | None = None
 
 
 def _manifest_entries(folder: str, manifest: str) -> tuple[list[tuple[str, str, dict]], list[tuple[str, str]]]:
@@ -52,11 +56,13 @@ def _manifest_entries(folder: str, manifest: str) -> tuple[list[tuple[str, str, 
             skipped.append((path, "listed in manifest.json but the file is missing"))
             continue
         try:
-            extra = {"bucket": _bucket(entry.get("bucket")), "repeats": int(entry.get("repeats") or 1)}
+            extra = {"bucket": _bucket(entry.get("bucket")), "repeats": int(entry.get("repeats") or 1),
+                     "original_size": _ints(entry.get("source_size"), 2),
+                     "crop_box": _ints(entry.get("crop_box"), 4)}
             if extra["repeats"] < 1:
                 raise ValueError("repeats must be at least 1")
         except (TypeError, ValueError) as e:
-            skipped.append((path, f"bad bucket or repeats in manifest.json ({e})"))
+            skipped.append((path, f"bad bucket, repeats, source_size or crop_box in manifest.json ({e})"))
             continue
         pairs.append((path, str(entry.get("caption") or ""), extra))
     return pairs, skipped
@@ -69,6 +75,16 @@ def _bucket(value) -> tuple[int, int] | None:
     if w < 8 or h < 8 or w % 8 or h % 8:
         raise ValueError(f"bucket {w}x{h} is not a multiple of 8")
     return w, h
+
+
+def _ints(value, count: int) -> tuple | None:
+    """A manifest's [w, h] or [l, t, r, b] as a tuple of ints; None when absent."""
+    if value is None:
+        return None
+    numbers = tuple(int(v) for v in value)
+    if len(numbers) != count:
+        raise ValueError(f"{list(value)} should have {count} numbers")
+    return numbers
 
 
 def _folder_entries(folder: str, caption_ext: str) -> tuple[list[tuple[str, str | None, dict]], list[tuple[str, str]]]:

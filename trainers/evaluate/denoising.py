@@ -15,14 +15,13 @@ def denoising_loss(comps, latents: torch.Tensor, texts: list[str], *, seed: int 
     family = get_family(comps.family)
     scheduler = comps.noise_scheduler()
     device = next(comps.unet.parameters()).device
-    cond = family.encode(comps, family.tokenize(comps, texts)).to(device)
+    cond = family.encode(comps, texts).to(device)
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
     for t in timesteps:
         noise = torch.randn(latents.shape, generator=gen)
         tt = torch.full((latents.shape[0],), t, dtype=torch.long)
         noisy = scheduler.add_noise(latents, noise, tt)
-        pred = comps.unet(noisy.to(device), tt.to(device), cond,
-                          **family.unet_kwargs(latents.shape[0], device)).sample
+        pred = comps.unet(noisy.to(device), tt.to(device), **family.unet_kwargs(cond)).sample
         total += F.mse_loss(pred.float().cpu(), noise).item()
     return total / len(timesteps)

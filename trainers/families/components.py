@@ -25,6 +25,15 @@ class SDComponents:
     source: str = ""  # the file or folder it was loaded from
     info: dict = field(default_factory=dict)  # name, hashes, anything for metadata
 
+    @property
+    def text_encoders(self) -> list:
+        """Every text encoder, in the family's order (SDXL will have two)."""
+        return [self.text_encoder]
+
+    def named_models(self) -> list[tuple[str, object]]:
+        """The denoiser and text encoders by the names checkpoints use for their parameters."""
+        return [("unet", self.unet), ("text_encoder", self.text_encoder)]
+
     def noise_scheduler(self):
         from diffusers import DDPMScheduler
 

@@ -1,7 +1,7 @@
 """The method seam: the hooks the training loop calls, and their defaults.
 
 The loop is one loop for every method. It calls only these: `trains_text_encoder`, `setup` (what is
-trained), `batch` (what a micro-step trains on, with per-sample loss weights), `loss` (the per-sample
+trained), `prompt` (a validation prompt as the method's model reads it), `batch` (what a micro-step trains on, with per-sample loss weights), `loss` (the per-sample
 diffusion loss reduced to the scalar that is backpropagated), `after_step` (work after each optimizer
 step), `trainable_state` (what a checkpoint holds) and `export` (the artifact the run produces).
 """
@@ -21,6 +21,7 @@ class Batch:
     latents: torch.Tensor
     texts: list
     weights: torch.Tensor | None = None  # None: every sample weighs 1 (a plain mean)
+    items: list | None = None  # the TrainItem of each sample (original size and crop box, for SDXL)
 
 
 @dataclass
@@ -54,6 +55,10 @@ class TrainingMethod:
         """Make the trained parameters trainable; returns optimizer parameter groups with their learning rates."""
         raise NotImplementedError
 
+    def prompt(self, text: str) -> str:
+        """A prompt as this method's model reads it (textual inversion puts its new tokens in); validation uses it."""
+        return text
+
     def batch(self, step: int, micro: int, gen: torch.Generator, data: TrainData) -> Batch:
         """This process's items of micro-step `micro` of `step`: a latent per item, its caption or "" (caption
         dropout). Every random draw comes from `gen`, in this order, so a resumed run repeats the same curve."""
@@ -62,7 +67,7 @@ class TrainingMethod:
         latents = torch.stack([data.latents.sample(i, gen) for i in indices])
         texts = [data.items[i].caption if torch.rand(1, generator=gen).item() >= cfg.caption_dropout else ""
                  for i in indices]
-        return Batch(latents=latents, texts=texts)
+        return Batch(latents=latents, texts=texts, items=[data.items[i] for i in indices])
 
     def loss(self, per_sample: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The scalar loss of a micro-batch: the mean of the per-sample losses, weighted by `batch.weights`."""

@@ -25,22 +25,24 @@ class LoraMethod(TrainingMethod):
     def setup(self, comps) -> list[dict]:
         """Attach the adapters; returns optimizer parameter groups with their learning rates."""
         cfg = self.cfg
-        comps.text_encoder.requires_grad_(False)
+        for encoder in comps.text_encoders:
+            encoder.requires_grad_(False)
         comps.vae.requires_grad_(False)
         net = self.network
         unet_targets = targets.unet_targets(comps.unet, cfg.preset)
-        groups = [{"params": net.attach(comps.unet, unet_targets, cfg.rank, cfg.alpha, cfg.lokr_factor),
-                   "lr": cfg.unet_lr}]
+        groups = [{"params": net.attach(comps.unet, unet_targets, cfg.rank, cfg.alpha, cfg.lokr_factor,
+                                        cfg.conv_rank, cfg.conv_alpha), "lr": cfg.unet_lr}]
         if cfg.train_text_encoder:
-            te_targets = targets.text_encoder_targets(comps.text_encoder)
-            groups.append({"params": net.attach(comps.text_encoder, te_targets, cfg.rank, cfg.alpha, cfg.lokr_factor),
-                           "lr": cfg.text_encoder_lr})
+            for encoder in comps.text_encoders:
+                te_targets = targets.text_encoder_targets(encoder)
+                groups.append({"params": net.attach(encoder, te_targets, cfg.rank, cfg.alpha, cfg.lokr_factor),
+                               "lr": cfg.text_encoder_lr})
         return groups
 
     def export(self, comps, family, *, captions, dataset_dir, steps, started) -> Artifact:
         cfg = self.cfg
         dtype = DTYPES[cfg.save_precision]
-        tensors = self.network.state_dict(comps.unet, comps.text_encoder if cfg.train_text_encoder else None,
+        tensors = self.network.state_dict(comps.unet, comps.text_encoders if cfg.train_text_encoder else None,
                                           dtype=dtype)
         meta = lora_metadata(cfg, family, comps.info, captions, dataset_dir, steps, started, tensors,
                              self.network.metadata(cfg))

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from .lora import LoraMethod
+from .textual_inversion import TextualInversionMethod
 
-METHODS = {"lora": LoraMethod}
+METHODS = {"lora": LoraMethod, "textual_inversion": TextualInversionMethod}
 
 
 def get_method(cfg):

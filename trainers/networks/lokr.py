@@ -13,10 +13,11 @@ class LokrNetwork(LycorisNetwork):
     tensors = {"lokr_w1": "lokr_w1", "lokr_w1_a": "lokr_w1_a", "lokr_w1_b": "lokr_w1_b",
                "lokr_w2": "lokr_w2", "lokr_w2_a": "lokr_w2_a", "lokr_w2_b": "lokr_w2_b"}
 
-    def peft_config(self, targets, rank, alpha, factor):
+    def peft_config(self, targets, rank, alpha, factor, rank_pattern, alpha_pattern):
         from peft import LoKrConfig
 
-        return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, decompose_factor=factor, init_weights=True)
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, decompose_factor=factor, init_weights=True,
+                          rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
     def scale(self, layer, alpha: float) -> float:
         factored = ADAPTER in layer.lokr_w1_a or ADAPTER in layer.lokr_w2_a

@@ -15,10 +15,11 @@ class LoraNetwork(PeftNetwork):
     module = "networks.lora"
     tensors = {"lora_A": "lora_down.weight", "lora_B": "lora_up.weight"}
 
-    def peft_config(self, targets, rank, alpha, factor):
+    def peft_config(self, targets, rank, alpha, factor, rank_pattern, alpha_pattern):
         from peft import LoraConfig
 
-        return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
+        return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True,
+                          rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
     def alpha(self, layer):
         return layer.lora_alpha[ADAPTER]

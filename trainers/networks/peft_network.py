@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from .targets import TE_PREFIX, UNET_PREFIX, kohya_stem
+from .targets import UNET_PREFIX, kohya_stem, te_prefixes
 
 ADAPTER = "default"
 
@@ -19,16 +19,22 @@ class PeftNetwork:
     module = ""  # ss_network_module
     tensors: dict = {}  # peft parameter dict on the layer -> file key suffix
 
-    def peft_config(self, targets: list[str], rank: int, alpha: float, factor: int):
+    def peft_config(self, targets: list[str], rank: int, alpha: float, factor: int, rank_pattern: dict,
+                    alpha_pattern: dict):
         raise NotImplementedError
 
-    def attach(self, model, targets: list[str], rank: int, alpha: float, factor: int = -1) -> list:
-        """Add a trainable adapter to `model` on exactly these modules; base weights stay frozen.
+    def attach(self, model, targets: list[str], rank: int, alpha: float, factor: int = -1, conv_rank: int = 0,
+               conv_alpha: float = 0.0) -> list:
+        """Add a trainable adapter to `model` on exactly these modules; base weights stay frozen. Spatial
+        (3x3) convs get `conv_rank`/`conv_alpha` where given (kohya's conv_dim/conv_alpha; 0: rank/alpha).
         Returns the adapter's parameters (the only ones left with requires_grad)."""
         from peft import inject_adapter_in_model
 
         model.requires_grad_(False)
-        inject_adapter_in_model(self.peft_config(targets, rank, alpha, factor), model, adapter_name=ADAPTER)
+        spatial = [t for t in targets if is_spatial_conv(model.get_submodule(t))] if conv_rank else []
+        config = self.peft_config(targets, rank, alpha, factor, {t: conv_rank for t in spatial},
+                                  {t: conv_alpha or alpha for t in spatial})
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
         names = tuple(self.tensors)
         params = [p for n, p in model.named_parameters() if any(f".{t}." in n for t in names)]
         for p in params:
@@ -54,25 +60,30 @@ class PeftNetwork:
         value = getattr(layer, attr)[ADAPTER]
         return value.weight if isinstance(value, torch.nn.Module) else value
 
-    def _stems(self, unet, text_encoder):
-        for model, prefix in ((unet, UNET_PREFIX), (text_encoder, TE_PREFIX)):
-            if model is not None:
-                for name, layer in self.layers(model):
-                    yield kohya_stem(name, prefix), layer
+    def _stems(self, unet, text_encoders):
+        """(file stem, peft layer) of every adapted module. text_encoders: None, one model, or the family's list
+        (all of them, in order: the prefix of each depends on how many there are)."""
+        if text_encoders is None:
+            text_encoders = []
+        elif not isinstance(text_encoders, (list, tuple)):
+            text_encoders = [text_encoders]
+        for model, prefix in ((unet, UNET_PREFIX), *zip(text_encoders, te_prefixes(len(text_encoders)))):
+            for name, layer in self.layers(model):
+                yield kohya_stem(name, prefix), layer
 
-    def state_dict(self, unet, text_encoder=None, dtype=torch.float16) -> dict:
+    def state_dict(self, unet, text_encoders=None, dtype=torch.float16) -> dict:
         """The adapters as kohya / LyCORIS tensors: `<stem>.<suffix>` and `<stem>.alpha` as trained."""
         out = {}
-        for stem, layer in self._stems(unet, text_encoder):
+        for stem, layer in self._stems(unet, text_encoders):
             for attr, suffix in self.tensors.items():
                 if ADAPTER in getattr(layer, attr):
                     out[f"{stem}.{suffix}"] = self._tensor(layer, attr).detach().to("cpu", dtype)
             out[f"{stem}.alpha"] = torch.tensor(float(self.alpha(layer)))
         return out
 
-    def load(self, state_dict: dict, unet, text_encoder=None) -> list[str]:
+    def load(self, state_dict: dict, unet, text_encoders=None) -> list[str]:
         """Copy file tensors into adapters already attached to the models; returns the stems it did not use."""
-        layers = dict(self._stems(unet, text_encoder))
+        layers = dict(self._stems(unet, text_encoders))
         stems = {k.split(".")[0] for k in state_dict}
         for stem in stems & layers.keys():
             layer = layers[stem]
@@ -90,11 +101,18 @@ class PeftNetwork:
         return layer.get_delta_weight(ADAPTER).reshape(layer.get_base_layer().weight.shape)
 
     def network_args(self, cfg) -> dict:
-        return {"conv_dim": str(cfg.rank), "conv_alpha": str(cfg.alpha)} if cfg.preset == "locon" else {}
+        if cfg.preset != "locon":
+            return {}
+        return {"conv_dim": str(cfg.conv_rank or cfg.rank), "conv_alpha": str(cfg.conv_alpha or cfg.alpha)}
 
     def metadata(self, cfg) -> dict:
         return {"ss_network_module": self.module, "ss_network_dim": str(cfg.rank),
                 "ss_network_alpha": str(cfg.alpha), "ss_network_args": json.dumps(self.network_args(cfg))}
+
+
+def is_spatial_conv(module) -> bool:
+    """A conv with a kernel larger than 1x1: what kohya's conv_dim applies to (1x1 convs take the network dim)."""
+    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
 
 
 class LycorisNetwork(PeftNetwork):

@@ -32,7 +32,12 @@ def text_encoder_targets(text_encoder) -> list[str]:
             if isinstance(module, torch.nn.Linear) and _TEXT.search(name)]
 
 
+def te_prefixes(count: int) -> list[str]:
+    """kohya's prefix of each text encoder: `lora_te_` for one (SD1), `lora_te1_`, `lora_te2_` for SDXL's two."""
+    return [TE_PREFIX] if count == 1 else [f"lora_te{i + 1}_" for i in range(count)]
+
+
 def kohya_stem(module_name: str, prefix: str) -> str:
-    if prefix == TE_PREFIX and not module_name.startswith("text_model."):
+    if prefix.startswith("lora_te") and not module_name.startswith("text_model."):
         module_name = "text_model." + module_name  # transformers 5 drops it; ComfyUI needs it
     return prefix + module_name.replace(".", "_")

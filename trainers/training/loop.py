@@ -84,28 +84,30 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
         torch.manual_seed(cfg.seed)  # the same seed gives the same initial adapter weights
         groups = method.setup(comps)
     captions = None
-    if not method.trains_text_encoder:  # frozen text encoder: encode every caption once
-        comps.text_encoder.to(device)
+    if not method.trains_text_encoder:  # frozen text encoders: encode every caption once
+        for encoder in comps.text_encoders:
+            encoder.to(device)
         with torch.no_grad():
-            captions = caches.CaptionCache.build(
-                [it.caption for it in items],
-                lambda texts: family.encode(comps, family.tokenize(comps, texts)).float().cpu())
-        comps.text_encoder.to("cpu")
+            captions = caches.CaptionCache.build([it.caption for it in items],
+                                                 lambda texts: family.encode(comps, texts).to("cpu", torch.float32))
+        for encoder in comps.text_encoders:
+            encoder.to("cpu")
     _to_training_dtype(comps, method, weight_dtype, device)
     if cfg.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
         if method.trains_text_encoder:
-            comps.text_encoder.gradient_checkpointing_enable()
+            for encoder in comps.text_encoders:
+                encoder.gradient_checkpointing_enable()
 
     trainable = [p for g in groups for p in g["params"]]
     from .optim import make_optimizer, make_scheduler
 
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.weight_decay, device)
     scheduler = make_scheduler(cfg.lr_scheduler, optimizer, cfg.warmup_steps, cfg.steps)
-    models = [comps.unet] + ([comps.text_encoder] if method.trains_text_encoder else [])
-    prepared = accelerator.prepare(*models, optimizer)
+    encoders = comps.text_encoders if method.trains_text_encoder else []
+    prepared = accelerator.prepare(comps.unet, *encoders, optimizer)
     unet, optimizer = prepared[0], prepared[-1]
-    text_encoder = prepared[1] if method.trains_text_encoder else comps.text_encoder
+    text_encoders = list(prepared[1:-1])  # the trained ones, wrapped for gradient sync; [] when frozen
 
     start_step = 0
     if checkpoints:
@@ -128,9 +130,8 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     validation_image = None
     started = time.time()
     step = start_step
-    unet.train()
-    if method.trains_text_encoder:
-        text_encoder.train()
+    for model in (unet, *text_encoders):
+        model.train()
 
     data = TrainData(items=items, latents=latents, accelerator=accelerator)
 
@@ -153,11 +154,11 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
                 if captions is not None:
                     cond = captions.get(batch.texts).to(device, weight_dtype)
                 else:
-                    cond = family.encode(comps, family.tokenize(comps, batch.texts), text_encoder)
+                    cond = family.encode(comps, batch.texts, text_encoders)
                 sync = micro == cfg.grad_accum - 1
                 with accelerator.no_sync(unet) if not sync and accelerator.num_processes > 1 else nullcontext():
                     per_sample = objective.diffusion_loss(cfg, unet, family, noise_scheduler, alphas_cumprod,
-                                                          batch_latents, cond, gen, device)
+                                                          batch_latents, cond, batch, gen, device)
                     loss = method.loss(per_sample, batch)
                     accelerator.backward(loss / cfg.grad_accum)
                 loss_value += loss.detach().float() / cfg.grad_accum
@@ -186,7 +187,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
                 save_checkpoint(step)
             if cfg.validation_prompt and cfg.validation_every and step % cfg.validation_every == 0 \
                     and step < cfg.steps:
-                validation_image = _validate(cfg, comps, accelerator, unet, run, step, device)
+                validation_image = _validate(cfg, method, comps, accelerator, unet, run, step, device)
             if progress is not None:
                 progress(step, cfg.steps, loss_value)
             if host.in_comfyui():
@@ -201,7 +202,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
 
     save_checkpoint(step)  # so a failed export can be resumed without retraining
     if cfg.validation_prompt:
-        validation_image = _validate(cfg, comps, accelerator, unet, run, step, device)
+        validation_image = _validate(cfg, method, comps, accelerator, unet, run, step, device)
     artifact = None
     if accelerator.is_main_process:
         artifact = method.export(comps, family, captions=[it.caption for it in items], dataset_dir=cfg.dataset,
@@ -258,7 +259,7 @@ def _identity(cfg: TrainConfig, items, comps) -> dict:
 def _resumed_config(cfg: TrainConfig, run: RunDir, accelerator) -> TrainConfig:
     """A resumed run keeps its own settings (they shaped its checkpoint); only `steps` may change."""
     stored = TrainConfig.from_dict({**run.read_config(), "steps": cfg.steps, "resume": True})
-    changed = [k for k, v in cfg.to_dict().items() if k not in ("extra",) and getattr(stored, k) != v]
+    changed = [k for k, v in cfg.values().items() if k not in ("extra",) and getattr(stored, k) != v]
     if changed:
         _log_main(accelerator, "resuming %s with its saved settings; ignored new values for: %s",
                   run.name, ", ".join(changed))
@@ -286,21 +287,22 @@ def _to_training_dtype(comps, method, weight_dtype, device):
     cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
     comps.unet.to(device, **cast)
     if method.trains_text_encoder:
-        comps.text_encoder.to(device, **cast)
-    for model in (comps.unet, comps.text_encoder):
+        for encoder in comps.text_encoders:
+            encoder.to(device, **cast)
+    for model in (comps.unet, *comps.text_encoders):
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
 
 
-def _validate(cfg, comps, accelerator, unet, run, step, device):
+def _validate(cfg, method, comps, accelerator, unet, run, step, device):
     if not accelerator.is_main_process:
         return None
     from .validation import sample_image
 
     model = accelerator.unwrap_model(unet)
     model.eval()
-    image = sample_image(comps, model, cfg.validation_prompt, resolution=cfg.resolution,
+    image = sample_image(comps, model, method.prompt(cfg.validation_prompt), resolution=cfg.resolution,
                          steps=cfg.validation_steps, seed=cfg.validation_seed, device=device)
     model.train()
     os.makedirs(run.samples, exist_ok=True)

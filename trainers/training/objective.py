@@ -13,14 +13,14 @@ def step_seed(seed: int, step: int, micro: int, process: int) -> int:
     return (seed * 1_000_003 + step * 1009 + micro * 31 + process) % (2**63)
 
 
-def diffusion_loss(cfg, unet, family, noise_scheduler, alphas_cumprod, latents, cond, gen, device):
+def diffusion_loss(cfg, unet, family, noise_scheduler, alphas_cumprod, latents, cond, batch, gen, device):
     """The loss of each sample (shape [batch]); the method reduces it (methods.base.TrainingMethod.loss)."""
     noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(noise)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
-    pred = unet(noisy, t, cond, **family.unet_kwargs(latents.shape[0], device)).sample
+    pred = unet(noisy, t, **family.unet_kwargs(cond, batch)).sample
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, t)
     else:

@@ -8,9 +8,14 @@ import torch
 
 log = logging.getLogger("personalize")
 
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+SCHEDULES = ("constant", "cosine", "linear")
+
 
 def make_optimizer(name: str, param_groups: list[dict], weight_decay: float, device: torch.device):
     """AdamW, 8-bit AdamW (bitsandbytes, CUDA only) or Prodigy (learning rate ~1.0)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}.")
     if name == "adamw8bit":
         if device.type != "cuda":
             log.warning("AdamW8bit needs a CUDA GPU (bitsandbytes); using AdamW on %s instead.", device.type)
@@ -36,6 +41,8 @@ def make_optimizer(name: str, param_groups: list[dict], weight_decay: float, dev
 
 def make_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
     """Linear warmup, then constant, cosine to zero, or linear to zero. Stepped once per optimizer step."""
+    if name not in SCHEDULES:
+        raise ValueError(f"lr_scheduler {name!r} is not one of {', '.join(SCHEDULES)}.")
     warmup_steps = max(0, min(warmup_steps, total_steps - 1))
 
     def factor(step: int) -> float:

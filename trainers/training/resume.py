@@ -58,6 +58,6 @@ def restore(run: RunDir, checkpoints: list[str], comps, optimizer, scheduler, ac
 def _trainable_params(comps) -> dict:
     """The parameters a checkpoint holds, by their checkpoint names (as trainable_state writes them)."""
     params = {}
-    for prefix, model in (("unet", comps.unet), ("text_encoder", comps.text_encoder)):
+    for prefix, model in comps.named_models():
         params.update({f"{prefix}.{n}": p for n, p in model.named_parameters() if p.requires_grad})
     return params

@@ -8,20 +8,19 @@ import torch
 def sample_image(comps, unet, prompt: str, *, resolution: int, steps: int, seed: int, device,
                  guidance_scale: float = 7.5, negative_prompt: str = ""):
     """One image for `prompt` with the current weights (LoRA active), as a PIL image."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler
 
     from ..families.components import SD_SCHEDULER_CONFIG
+    from ..families.registry import get_family
 
     scheduler = DPMSolverMultistepScheduler(prediction_type=comps.prediction_type,
                                             **{k: v for k, v in SD_SCHEDULER_CONFIG.items() if k != "clip_sample"})
-    vae_device = comps.vae.device
-    te_device = comps.text_encoder.device
-    comps.vae.to(device)
-    comps.text_encoder.to(device)
+    moved = [comps.vae, *comps.text_encoders]
+    devices = [m.device for m in moved]
+    for model in moved:
+        model.to(device)
     try:
-        pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
-                                       unet=unet, scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        pipe = get_family(comps.family).pipeline(comps, unet, scheduler)
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator("cpu").manual_seed(seed)
         dtype = next(unet.parameters()).dtype
@@ -29,6 +28,6 @@ def sample_image(comps, unet, prompt: str, *, resolution: int, steps: int, seed:
             image = pipe(prompt, negative_prompt=negative_prompt or None, height=resolution, width=resolution,
                          num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images[0]
     finally:
-        comps.vae.to(vae_device)
-        comps.text_encoder.to(te_device)
+        for model, where in zip(moved, devices):
+            model.to(where)
     return image
