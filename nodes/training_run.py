@@ -38,4 +38,4 @@ def run_training(ckpt_name: str, dataset_folder: str, dataset, **settings):
     return name, {"text": [text]}, pil_to_image(result.loss_image()), valid
 
 
-FOLDERS = {"lora": "loras", "embedding": "embeddings"}  # artifact kind -> the ComfyUI model folder it is in
+FOLDERS = {"lora": "loras", "embedding": "embeddings", "checkpoint": "checkpoints"}  # artifact kind -> the ComfyUI model folder it is in

@@ -16,7 +16,8 @@ import typing
 from dataclasses import dataclass, field
 
 # The option groups nested in a JSON config; a setting in no group sits at the top.
-GROUPS = {"lora": "the adapter network (LoRA, LoHa, LoKr) of a LoRA run",
+GROUPS = {"lora": "the adapter network (LoRA, LoHa, LoKr) of a LoRA or DreamBooth+LoRA run",
+          "dreambooth": "the instance prompt and class-prior preservation of a DreamBooth or DreamBooth+LoRA run",
           "textual_inversion": "the embedding of a textual-inversion run"}
 
 
@@ -49,8 +50,13 @@ class TrainConfig:
                                           "an existing file is never overwritten (a _2 suffix is added).")
     trigger_word: str = setting("", "A rare word that will stand for your subject; it is put in front of every "
                                     "caption. Textual inversion learns this word.")
-    method: str = setting("lora", "What is trained: lora (an adapter network) or textual_inversion (a new word's "
-                                  "embedding).", choices=("lora", "textual_inversion"))
+    method: str = setting("lora", "What is trained: lora (an adapter network), dreambooth (the whole UNet, saved as "
+                                  "a checkpoint), dreambooth_lora (an adapter network with class-prior preservation) "
+                                  "or textual_inversion (a new word's embedding).",
+                          choices=("lora", "dreambooth", "dreambooth_lora", "textual_inversion"))
+    train_text_encoder: bool = setting(False, "Also train the CLIP text encoder (its network, or the whole encoder "
+                                              "in DreamBooth): stronger likeness for faces, more overfitting risk.")
+    text_encoder_lr: float = setting(5e-5, "Text-encoder learning rate, when it is trained.", lo=0.0, hi=10.0, ui=_LR)
 
     # The adapter network of a LoRA run.
     network: str = setting("lora", "lora: classic LoRA (LoCon with the locon preset). loha: LyCORIS LoHa, a Hadamard "
@@ -70,12 +76,21 @@ class TrainConfig:
                              lo=0, hi=256, group="lora")
     conv_alpha: float = setting(0.0, "locon preset: alpha of the 3x3 conv layers (kohya's conv_alpha); 0: the same "
                                      "as alpha.", lo=0.0, hi=1024.0, group="lora", ui={"step": 0.5})
-    train_text_encoder: bool = setting(False, "Also train the network on the CLIP text encoder (stronger likeness, "
-                                              "more overfitting risk).", group="lora")
-    text_encoder_lr: float = setting(5e-5, "Text-encoder learning rate, when it is trained.", lo=0.0, hi=10.0,
-                                     group="lora", ui=_LR)
-    save_precision: str = setting("fp16", "dtype of the saved file: fp16 (the ecosystem's default), bf16 or fp32.",
-                                  choices=("fp16", "bf16", "fp32"))
+    save_precision: str = setting("fp16", "dtype of the trained tensors in the saved file: fp16 (the ecosystem's "
+                                          "default), bf16 or fp32.", choices=("fp16", "bf16", "fp32"))
+
+    # DreamBooth: the instance prompt and class-prior preservation.
+    class_prompt: str = setting("", "DreamBooth: the class the subject belongs to, e.g. 'a photo of a dog'. Images "
+                                    "of it keep the model's idea of the class (prior preservation); empty turns it "
+                                    "off.", group="dreambooth")
+    class_images: str = setting("", "DreamBooth: a folder of class images to use; empty: the base model generates "
+                                    "them from class_prompt (cached and reused by later runs).", group="dreambooth")
+    num_class_images: int = setting(100, "DreamBooth: class images used for prior preservation.", lo=1, hi=10000,
+                                    group="dreambooth")
+    prior_loss_weight: float = setting(1.0, "DreamBooth: weight of the class images' loss against the instance "
+                                            "loss.", lo=0.0, hi=10.0, group="dreambooth", ui={"step": 0.05})
+    class_sample_steps: int = setting(25, "DreamBooth: sampler steps (DPM-Solver++) per generated class image.",
+                                      lo=1, hi=150, group="dreambooth")
 
     # The embedding of a textual-inversion run.
     init_word: str = setting("", "Textual inversion: a word close to the subject (dog, woman, painting) that the new "
@@ -116,6 +131,8 @@ class TrainConfig:
     crop: str = setting("center", "center: a fixed square crop; random: a new square window each step (non-square "
                                   "photos).", choices=("center", "random"))
     flip: bool = setting(False, "Random horizontal flips. Off for faces/text that are not symmetric.")
+    instance_prompt: str = setting("", "One prompt for every training image, e.g. 'a photo of sks dog', as "
+                                       "DreamBooth trains (empty: each image's caption, with the trigger word).")
     caption_dropout: float = setting(0.0, "Share of steps trained with an empty caption.", lo=0.0, hi=0.99,
                                      ui={"step": 0.01})
 

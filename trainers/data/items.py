@@ -96,10 +96,11 @@ def _folder_entries(folder: str, caption_ext: str) -> tuple[list[tuple[str, str 
     return pairs, skipped
 
 
-def scan_folder(folder, trigger_word: str = "", caption_ext: str = ".txt") -> list[TrainItem]:
+def scan_folder(folder, trigger_word: str = "", caption_ext: str = ".txt", caption: str = "") -> list[TrainItem]:
     """Image/caption pairs of a training folder (or of its manifest.json), corrupt images skipped.
 
-    Items of a built dataset (manifest.json) carry their bucket and repeats.
+    Items of a built dataset (manifest.json) carry their bucket and repeats. `caption`, when given, is every
+    image's caption (DreamBooth's instance prompt), in place of their own.
     """
     folder = os.path.abspath(os.path.expanduser(os.fspath(folder or "")))
     if not os.path.isdir(folder):
@@ -113,16 +114,20 @@ def scan_folder(folder, trigger_word: str = "", caption_ext: str = ".txt") -> li
         pairs, skipped = _folder_entries(folder, caption_ext)
 
     items, uncaptioned = [], 0
-    for path, caption, extra in pairs:
+    for path, own, extra in pairs:
         try:
             check_image(path)
         except ImageError as e:
             skipped.append((path, e.reason))
             continue
-        if caption is None:
-            caption = ""
+        if caption:
+            text = caption
+        elif own is None:
+            text = ""
             uncaptioned += 1
-        items.append(TrainItem(path, with_trigger(caption, trigger_word), **extra))
+        else:
+            text = own
+        items.append(TrainItem(path, with_trigger(text, trigger_word), **extra))
 
     for path, reason in skipped:
         log.warning("Skipping %s: %s", path, reason)

@@ -214,23 +214,30 @@ def ldm_to_diffusers(state_dict: dict, unet_config, vae_config) -> dict[str, dic
     return parts
 
 
-def diffusers_to_ldm(components, dtype=None) -> dict:
-    """One LDM single-file state dict from diffusers components (anything with unet, vae, text_encoder)."""
+PARTS = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}  # model -> its LDM key prefix
+
+
+def diffusers_to_ldm(components, dtype=None, parts=tuple(PARTS)) -> dict:
+    """One LDM single-file state dict from diffusers components (anything with unet, vae, text_encoder), or
+    only these `parts` of it."""
     out = {}
-    unet_sd, vae_sd = components.unet.state_dict(), components.vae.state_dict()
-    for part, prefix, sd, mapping in (
-            ("unet", UNET_PREFIX, unet_sd, unet_diffusers_to_ldm(components.unet.config)),
-            ("vae", VAE_PREFIX, vae_sd, vae_diffusers_to_ldm(components.vae.config))):
+    for part in ("unet", "vae"):
+        if part not in parts:
+            continue
+        model = getattr(components, part)
+        sd = model.state_dict()
+        mapping = (unet_diffusers_to_ldm if part == "unet" else vae_diffusers_to_ldm)(model.config)
         missing, unknown = sorted(set(mapping) - set(sd)), sorted(set(sd) - set(mapping))
         if missing or unknown:  # e.g. a LoRA still attached: merge or remove it first
             raise KeyMapError(mismatch_message(f"diffusers {part}", missing, unknown))
         for key, tensor in sd.items():
             if part == "vae" and _is_vae_projection(key) and tensor.ndim == 2:
                 tensor = tensor.reshape(*tensor.shape, 1, 1)
-            out[prefix + mapping[key]] = tensor
-    for key, tensor in components.text_encoder.state_dict().items():
-        if not key.endswith("position_ids"):  # a buffer rebuilt by every loader
-            out[text_ldm_key(key)] = tensor
+            out[PARTS[part] + mapping[key]] = tensor
+    if "text_encoder" in parts:
+        for key, tensor in components.text_encoder.state_dict().items():
+            if not key.endswith("position_ids"):  # a buffer rebuilt by every loader
+                out[text_ldm_key(key)] = tensor
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     return out

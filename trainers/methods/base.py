@@ -1,13 +1,14 @@
 """The method seam: the hooks the training loop calls, and their defaults.
 
-The loop is one loop for every method. It calls only these: `trains_text_encoder`, `setup` (what is
-trained), `prompt` (a validation prompt as the method's model reads it), `batch` (what a micro-step trains on, with per-sample loss weights), `loss` (the per-sample
+The loop is one loop for every method. It calls only these: `trains_text_encoder`, `streams` (image streams
+besides the dataset), `setup` (what is trained), `prompt` (a validation prompt as the method's model reads it),
+`metrics` (values logged beside the loss), `batch` (what a micro-step trains on, with per-sample loss weights), `loss` (the per-sample
 diffusion loss reduced to the scalar that is backpropagated), `after_step` (work after each optimizer
 step), `trainable_state` (what a checkpoint holds) and `export` (the artifact the run produces).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,10 +27,12 @@ class Batch:
 
 @dataclass
 class TrainData:
-    """What `batch` draws from: the dataset items, their latent cache and the accelerator (for this process's share)."""
+    """What `batch` draws from: the dataset items, their latent cache and the accelerator (for this process's share),
+    and the other streams the method asked for (`streams`), by name: (items, latent cache)."""
     items: list
     latents: object
     accelerator: object
+    streams: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -58,6 +61,15 @@ class TrainingMethod:
     def prompt(self, text: str) -> str:
         """A prompt as this method's model reads it (textual inversion puts its new tokens in); validation uses it."""
         return text
+
+    def streams(self, comps, accelerator, device) -> dict:
+        """Image streams besides the dataset (e.g. DreamBooth's class images): {name: [TrainItem]}. The loop caches
+        their latents and captions like the dataset's and hands them to `batch` in TrainData.streams."""
+        return {}
+
+    def metrics(self) -> dict:
+        """Values the loop logs with each step besides the loss (e.g. instance and prior loss); {} by default."""
+        return {}
 
     def batch(self, step: int, micro: int, gen: torch.Generator, data: TrainData) -> Batch:
         """This process's items of micro-step `micro` of `step`: a latent per item, its caption or "" (caption

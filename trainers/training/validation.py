@@ -1,13 +1,14 @@
-"""Validation images during training, from the model being trained."""
+"""Images from the model being trained: validation images, and the class images of prior preservation."""
 from __future__ import annotations
 
 import torch
 
 
 @torch.no_grad()
-def sample_image(comps, unet, prompt: str, *, resolution: int, steps: int, seed: int, device,
-                 guidance_scale: float = 7.5, negative_prompt: str = ""):
-    """One image for `prompt` with the current weights (LoRA active), as a PIL image."""
+def sample_images(comps, unet, prompts: list[str], seeds: list[int], *, resolution: int, steps: int, device,
+                  guidance_scale: float = 7.5, negative_prompt: str = "") -> list:
+    """One image per prompt with the current weights (a LoRA active), each from its own seed, as PIL images.
+    DPM-Solver++, so 20-25 steps suffice."""
     from diffusers import DPMSolverMultistepScheduler
 
     from ..families.components import SD_SCHEDULER_CONFIG
@@ -22,12 +23,17 @@ def sample_image(comps, unet, prompt: str, *, resolution: int, steps: int, seed:
     try:
         pipe = get_family(comps.family).pipeline(comps, unet, scheduler)
         pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator("cpu").manual_seed(seed)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         dtype = next(unet.parameters()).dtype
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            image = pipe(prompt, negative_prompt=negative_prompt or None, height=resolution, width=resolution,
-                         num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images[0]
+            return pipe(prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+                        height=resolution, width=resolution, num_inference_steps=steps,
+                        guidance_scale=guidance_scale, generator=generators).images
     finally:
         for model, where in zip(moved, devices):
             model.to(where)
-    return image
+
+
+def sample_image(comps, unet, prompt: str, *, seed: int, **settings):
+    """One image for `prompt` (see sample_images)."""
+    return sample_images(comps, unet, [prompt], [seed], **settings)[0]

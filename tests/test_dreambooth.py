@@ -1,0 +1,148 @@
+"""DreamBooth and DreamBooth+LoRA on the tiny SD1.x model: prior preservation, class images, the checkpoint file."""
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from test_train_lora import cfg_for, env, fresh, lora_files  # noqa: F401 (fixtures)
+from trainers.core import host
+from trainers.families.model_loading import load_sd_components
+from trainers.methods import class_images
+from trainers.training import objective, validation
+from trainers.training.loop import train
+
+CLASS = "a photo of a ball"
+
+
+def db_cfg(env, **kw):
+    settings = dict(method="dreambooth", unet_lr=1e-4, class_prompt=CLASS, num_class_images=3,
+                    class_sample_steps=2, output_name="db", save_precision="fp32")
+    settings.update(kw)
+    return cfg_for(env, **settings)
+
+
+def class_folders(env):
+    root = env["root"] / "output" / "personalize" / "class_images"
+    return sorted(root.iterdir()) if root.exists() else []
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """Counts the class images the base model generates."""
+    calls, real = [], validation.sample_images
+
+    def spy(comps, unet, prompts, seeds, **kw):
+        calls.append(list(seeds))
+        return real(comps, unet, prompts, seeds, **kw)
+
+    monkeypatch.setattr(validation, "sample_images", spy)
+    return calls
+
+
+def test_prior_loss_is_the_weighted_class_half_of_the_batch(env, fresh, monkeypatch, sampled):
+    seen = []
+    real = objective.diffusion_loss
+
+    def spy(cfg, unet, family, scheduler, alphas, latents, cond, batch, gen, device):
+        per_sample = real(cfg, unet, family, scheduler, alphas, latents, cond, batch, gen, device)
+        seen.append((list(batch.texts), batch.weights.tolist(), per_sample.detach()))
+        return per_sample
+
+    monkeypatch.setattr(objective, "diffusion_loss", spy)
+    result = train(db_cfg(env, steps=3, batch_size=2, prior_loss_weight=0.5), components=fresh())
+    assert len(seen) == 3
+    for (texts, weights, per_sample), record in zip(seen, result.log):
+        assert [t.startswith("sks") for t in texts] == [True, True, False, False]
+        assert texts[2:] == [CLASS, CLASS] and weights == [1.0, 1.0, 0.5, 0.5]
+        instance, prior = per_sample[:2].mean().item(), per_sample[2:].mean().item()
+        assert record["instance_loss"] == pytest.approx(instance, rel=1e-6)
+        assert record["prior_loss"] == pytest.approx(prior, rel=1e-6)
+        assert record["loss"] == pytest.approx(instance + 0.5 * prior, rel=1e-5)
+    assert sum(len(s) for s in sampled) == 3  # the three class images, generated once
+
+
+def test_class_images_are_cached_reused_and_a_partial_set_resumes(env, fresh, sampled):
+    train(db_cfg(env, steps=1), components=fresh())
+    (folder,) = class_folders(env)
+    images = sorted(p for p in os.listdir(folder) if p.endswith(".png"))
+    assert images == ["000000.png", "000001.png", "000002.png"] and sampled == [[42, 43, 44]]
+    first = (folder / "000001.png").read_bytes()
+
+    train(db_cfg(env, steps=1, output_name="db_again", resume=False), components=fresh())
+    assert sampled == [[42, 43, 44]]  # the same settings reuse the set
+
+    os.remove(folder / "000001.png")  # as if stopped part-way
+    train(db_cfg(env, steps=1, output_name="db_third", num_class_images=4), components=fresh())
+    assert sampled[1:] == [[43, 45]]  # only the missing ones, each from its own seed
+    assert (folder / "000001.png").read_bytes() == first
+    assert class_folders(env) == [folder]
+
+    train(db_cfg(env, steps=1, output_name="db_other", class_prompt="a photo of a cup"), components=fresh())
+    assert len(class_folders(env)) == 2  # another prompt, another set
+
+
+def test_cancel_while_generating_keeps_the_finished_images(env, fresh, monkeypatch, sampled):
+    monkeypatch.setattr(class_images, "GENERATE_BATCH", 1)
+    real = host.check_interrupt
+    calls = {"n": 0}
+
+    def cancel_after_two():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            host.request_interrupt()
+        real()
+
+    monkeypatch.setattr(host, "check_interrupt", cancel_after_two)
+    with pytest.raises(host.Interrupted):
+        train(db_cfg(env, steps=2), components=fresh())
+    (folder,) = class_folders(env)
+    assert sorted(p for p in os.listdir(folder) if p.endswith(".png")) == ["000000.png", "000001.png"]
+    assert not [p for p in os.listdir(folder) if p.endswith(".part")]
+    monkeypatch.setattr(host, "check_interrupt", real)
+    train(db_cfg(env, steps=2), components=fresh())
+    assert sampled == [[42], [43], [44]]
+
+
+@pytest.mark.parametrize("with_te", [False, True])
+def test_checkpoint_keeps_untrained_tensors_bit_exact_and_reloads(env, toy_checkpoint, toy_tokenizer_dir, with_te):
+    comps = load_sd_components(toy_checkpoint, tokenizer_dir=toy_tokenizer_dir)
+    base_te = {k: v.clone() for k, v in comps.text_encoder.state_dict().items()}
+    result = train(db_cfg(env, steps=2, train_text_encoder=with_te, text_encoder_lr=1e-3), components=comps)
+    assert result.artifact.kind == "checkpoint"
+    assert result.artifact.path == str(env["root"] / "models" / "checkpoints" / "db.safetensors")
+    changed = any(not torch.equal(v, base_te[k]) for k, v in comps.text_encoder.state_dict().items())
+    assert changed == with_te  # the text encoder changes only when it is trained
+
+    saved, base = load_file(result.artifact.path), load_file(toy_checkpoint)
+    for key, tensor in base.items():
+        trained = key.startswith("model.diffusion_model.") or (with_te and key.startswith("cond_stage_model."))
+        if not trained:
+            assert torch.equal(saved[key], tensor) and saved[key].dtype == tensor.dtype, key
+    unet_keys = [k for k in base if k.startswith("model.diffusion_model.")]
+    assert any(not torch.equal(saved[k], base[k]) for k in unet_keys)
+    with safe_open(result.artifact.path, "pt") as f:
+        meta = f.metadata()
+    assert meta["personalize.method"] == "dreambooth" and meta["personalize.class_prompt"] == CLASS
+    assert meta["personalize.base_model_sha256"] == comps.info["sha256"]
+
+    reloaded = load_sd_components(result.artifact.path, tokenizer_dir=toy_tokenizer_dir)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[1, 2, 3] + [0] * 74])
+    with torch.no_grad():
+        outs = [c.unet.eval()(x, torch.tensor([500]), c.text_encoder(ids)[0]).sample for c in (comps, reloaded)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_dreambooth_lora_saves_a_lora_and_logs_both_losses(env, fresh, sampled):
+    result = train(db_cfg(env, method="dreambooth_lora", unet_lr=1e-3, steps=2, output_name="dbl"), components=fresh())
+    assert result.artifact.kind == "lora" and lora_files(env) == ["dbl.safetensors"]
+    assert all({"instance_loss", "prior_loss"} <= set(r) for r in result.log)
+    assert sum(len(s) for s in sampled) == 3
+
+
+def test_without_a_class_prompt_dreambooth_is_plain_fine_tuning(env, fresh, sampled):
+    result = train(db_cfg(env, class_prompt="", steps=2), components=fresh())
+    assert sampled == [] and class_folders(env) == []
+    assert "prior_loss" not in result.log[0]

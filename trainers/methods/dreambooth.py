@@ -1,0 +1,119 @@
+"""DreamBooth (the whole UNet, optionally the text encoder, saved as a checkpoint) and DreamBooth+LoRA (a network,
+saved like a LoRA), both with class-prior preservation: each batch joins the instance images with as many class
+images, and the loss is instance MSE + prior_loss_weight x class MSE (diffusers' train_dreambooth.py)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..core import host, safe_io
+from ..core.dtypes import DTYPES
+from . import class_images
+from .base import Artifact, Batch, TrainingMethod
+from .lora import LoraMethod
+
+
+class PriorPreservation:
+    """The class stream, the joined batch and the split loss; a no-op when `class_prompt` is empty."""
+
+    @property
+    def preserves_prior(self) -> bool:
+        return bool(self.cfg.class_prompt.strip())
+
+    def streams(self, comps, accelerator, device) -> dict:
+        if not self.preserves_prior:
+            return {}
+        return {"class": class_images.class_items(self.cfg, comps, accelerator, device)}
+
+    def batch(self, step, micro, gen, data) -> Batch:
+        batch = super().batch(step, micro, gen, data)
+        if micro == 0:
+            self._parts = {}
+        if not self.preserves_prior:
+            return batch
+        items, latents = data.streams["class"]
+        n = len(batch.texts)
+        # As many class images as instance ones, drawn from this step's generator (so a resume repeats them).
+        picks = torch.randint(len(items), (n,), generator=gen).tolist()
+        class_latents = torch.stack([latents.sample(i, gen) for i in picks])
+        if class_latents.shape[1:] != batch.latents.shape[1:]:
+            raise ValueError(f"Prior preservation needs the class images at the instance images' size: the "
+                             f"batch is {tuple(batch.latents.shape[2:])} latents, the class images "
+                             f"{tuple(class_latents.shape[2:])}. Build the dataset with 'center crop' or 'pad' "
+                             f"(not buckets) at the training resolution.")
+        weights = torch.tensor([1.0] * n + [self.cfg.prior_loss_weight] * n)
+        return Batch(latents=torch.cat([batch.latents, class_latents]), texts=batch.texts + [items[i].caption for i in picks],
+                     weights=weights, items=batch.items + [items[i] for i in picks])
+
+    def loss(self, per_sample, batch) -> torch.Tensor:
+        """instance mean + prior_loss_weight x class mean (the class part is the batch's second half)."""
+        if not self.preserves_prior:
+            return super().loss(per_sample, batch)
+        n = len(per_sample) // 2
+        instance, prior = per_sample[:n].mean(), per_sample[n:].mean()
+        for name, value in (("instance_loss", instance), ("prior_loss", prior)):
+            self._parts[name] = self._parts.get(name, 0.0) + value.item() / self.cfg.grad_accum
+        return instance + self.cfg.prior_loss_weight * prior
+
+    def metrics(self) -> dict:
+        """The instance and prior losses of the last step (this process's share, mean over its micro-steps)."""
+        return dict(getattr(self, "_parts", {}))
+
+
+class DreamBoothMethod(PriorPreservation, TrainingMethod):
+    """The whole UNet (and the text encoder when asked) trains; saved as a checkpoint in models/checkpoints."""
+
+    name = "dreambooth"
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.cfg.train_text_encoder
+
+    def setup(self, comps) -> list[dict]:
+        comps.vae.requires_grad_(False)
+        comps.unet.requires_grad_(True)
+        groups = [{"params": [p for p in comps.unet.parameters()], "lr": self.cfg.unet_lr}]
+        for encoder in comps.text_encoders:
+            encoder.requires_grad_(self.cfg.train_text_encoder)
+            if self.cfg.train_text_encoder:
+                groups.append({"params": list(encoder.parameters()), "lr": self.cfg.text_encoder_lr})
+        return groups
+
+    def export(self, comps, family, *, captions, dataset_dir, steps, started) -> Artifact:
+        from ..families.checkpoint_save import checkpoint_tensors
+        from ..families.ldm_keys import config_hints
+
+        cfg = self.cfg
+        trained = ("unet", "text_encoder") if cfg.train_text_encoder else ("unet",)
+        tensors = checkpoint_tensors(comps, trained, DTYPES[cfg.save_precision])
+        meta = {
+            **config_hints(comps),
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": family.architecture,
+            "modelspec.title": cfg.output_name,
+            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
+            "personalize.method": self.name,
+            "personalize.trained": ",".join(trained),
+            "personalize.trigger_word": cfg.trigger_word,
+            "personalize.instance_prompt": cfg.instance_prompt,
+            "personalize.class_prompt": cfg.class_prompt,
+            "personalize.prior_loss_weight": str(cfg.prior_loss_weight),
+            "personalize.steps": str(steps),
+            "personalize.images": str(len(captions)),
+            "personalize.base_model": comps.info.get("name", ""),
+            "personalize.base_model_sha256": comps.info.get("sha256", ""),
+        }
+        if cfg.trigger_word:
+            meta["modelspec.trigger_phrase"] = cfg.trigger_word
+        path = safe_io.save_new(host.model_dirs("checkpoints")[0], safe_io.sanitize_name(cfg.output_name, "dreambooth"),
+                                ".safetensors", safe_io.safetensors_writer(tensors, meta),
+                                roots=host.writable_roots())
+        return Artifact("checkpoint", path)
+
+
+class DreamBoothLoraMethod(PriorPreservation, LoraMethod):
+    """A network (LoRA, LoHa, LoKr) trained with prior preservation; saved like the LoRA method's file."""
+
+    name = "dreambooth_lora"
