@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..trainers.core import host
+from .linked_model import validate_linked
 
 
 class ApplyTrainedLoRA:
@@ -28,23 +29,7 @@ class ApplyTrainedLoRA:
 
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name, input_types):
-        # Only lora_name is ours to check: with trained_lora linked it is not used (and a freshly shared
-        # workflow may name a file this server lacks); otherwise it must be in models/loras, as LoraLoader
-        # demands. Naming input_types makes ComfyUI leave the link types to us, so they are checked here.
-        try:
-            from comfy_execution.validation import validate_node_input  # type: ignore
-        except ImportError:  # an older ComfyUI
-            def validate_node_input(received, expected):
-                return received in (expected, "*")
-        spec = cls.INPUT_TYPES()  # lists models/loras once
-        declared = {**spec["required"], **spec["optional"]}
-        for name, received in input_types.items():
-            expected = declared.get(name, (None,))[0]
-            if isinstance(expected, str) and not validate_node_input(received, expected):
-                return f"{name} takes {expected}, not {received}"
-        if "trained_lora" in input_types or lora_name in declared["lora_name"][0]:
-            return True
-        return f"LoRA '{lora_name}' is not in models/loras; pick one from the list or link Train LoRA's lora_name"
+        return validate_linked(cls, "lora_name", lora_name, "trained_lora", "loras", input_types)
 
     def apply(self, model, clip, lora_name, strength_model, strength_clip, trained_lora=None):
         # Names resolve inside models/loras as in LoraLoader: a linked '../x' or absolute path cannot leave it.

@@ -295,6 +295,75 @@ def test_embedding_trained_in_one_prompt_is_used_by_clip_text_encode(comfy, toy_
     assert r["embedding_rel_err"] < 1e-4  # ...and ComfyUI's conditioning is ours
 
 
+# --- DreamBooth: trained through /prompt, cancelled during class images and training, loaded by ComfyUI --------
+TRAIN_DB = "PersonalizeTrainDreamBooth"
+
+
+def db_inputs(photos: str, output_name: str, **over) -> dict:
+    inputs = dict(ckpt_name=CKPT, dataset_folder=photos, method="dreambooth", trigger_word="sks",
+                  output_name=output_name, instance_prompt="a photo of sks ball", class_prompt="a photo of a ball",
+                  num_class_images=3, prior_loss_weight=1.0, steps=2, unet_lr=1e-4, batch_size=1, resolution=64,
+                  seed=1, class_sample_steps=2, mixed_precision="no", save_every=0, warmup_steps=0,
+                  lr_scheduler="constant", gradient_checkpointing=False, resume=False)
+    return {**inputs, **over}
+
+
+def test_dreambooth_checkpoint_loads_in_checkpoint_loader_simple_and_samples(comfy, photos):
+    entry, log, seconds = run_prompt(comfy, {"1": {"class_type": TRAIN_DB, "inputs": db_inputs(photos, "it_db")}})
+    print(f"\nDreamBooth through /prompt (3 class images, 2 steps): {seconds:.1f} s")
+    assert_success(entry, log)
+    assert entry["outputs"]["1"]["text"][0].startswith("it_db.safetensors: 2 steps")
+    assert os.path.isfile(os.path.join(comfy.model_folder("checkpoints"), "it_db.safetensors"))
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "it_db.safetensors"}},
+              **sample_nodes(["1", 0], ["1", 1], ["1", 2])}
+    entry, log, _ = run_prompt(comfy, prompt)
+    assert_success(entry, log)
+    assert entry["outputs"]["15"]["images"]
+
+
+def test_dreambooth_cancel_during_class_images_and_training_then_resume(comfy, photos):
+    name = "it_db_cancel"
+    run = comfy.run_folder(name)
+    classes = os.path.join(comfy.output_dir, "personalize", "class_images")
+    before = set(os.listdir(classes)) if os.path.isdir(classes) else set()
+    inputs = db_inputs(photos, name, num_class_images=400, class_prompt="a photo of a cup", steps=2000,
+                       resume=True)
+    # Cancel while the class images are made: the finished ones stay, no half-written file.
+    prompt_id = comfy.post_prompt({"1": {"class_type": TRAIN_DB, "inputs": inputs}})
+    comfy.wait_running(prompt_id, timeout=120)
+
+    def made():
+        folders = set(os.listdir(classes)) - before if os.path.isdir(classes) else set()
+        return [f for d in folders for f in os.listdir(os.path.join(classes, d)) if f.endswith(".png")]
+
+    wait_until(lambda: len(made()) >= 4, timeout=300, what="four class images")
+    comfy.interrupt(prompt_id)
+    entry = comfy.wait(prompt_id, timeout=300)
+    assert was_interrupted(entry) and execution_error(entry) is None, entry["status"]
+    (folder,) = set(os.listdir(classes)) - before
+    kept = sorted(os.listdir(os.path.join(classes, folder)))
+    assert 4 <= len([f for f in kept if f.endswith(".png")]) < 400 and not [f for f in kept if f.endswith(".part")]
+
+    # Fewer class images now (the ones made are reused), cancel during training, then resume to the end.
+    inputs.update(num_class_images=4)
+    prompt_id = comfy.post_prompt({"1": {"class_type": TRAIN_DB, "inputs": inputs}})
+    comfy.wait_running(prompt_id, timeout=120)
+    wait_until(lambda: len(read_log(run)) >= 2, timeout=300, what="two logged training steps")
+    comfy.interrupt(prompt_id)
+    entry = comfy.wait(prompt_id, timeout=300)
+    assert was_interrupted(entry) and execution_error(entry) is None, entry["status"]
+    stopped = read_log(run)[-1]["step"]
+    assert not os.path.exists(os.path.join(comfy.model_folder("checkpoints"), f"{name}.safetensors"))
+    assert os.listdir(os.path.join(run, "checkpoints")) == [f"step_{stopped:06d}"]
+
+    entry, log, _ = run_prompt(comfy, {"1": {"class_type": TRAIN_DB, "inputs": {**inputs, "steps": stopped + 2}}})
+    assert_success(entry, log)
+    assert "generating" not in log  # every class image was there already
+    assert [r["step"] for r in read_log(run)] == list(range(1, stopped + 3))
+    assert all("prior_loss" in r and "instance_loss" in r for r in read_log(run))
+    assert os.path.isfile(os.path.join(comfy.model_folder("checkpoints"), f"{name}.safetensors"))
+
+
 # --- cancel and resume -------------------------------------------------------------------------
 def test_cancel_keeps_a_checkpoint_and_resume_continues_it(comfy, photos):
     name = "it_cancel"
@@ -349,6 +418,9 @@ def test_shipped_workflow_runs(comfy, photos, tiny_blip, path):
                           resume=False)
         if kind == TRAIN_TI:
             inputs.update(dataset_folder=photos, output_name=f"wf_{stem}", steps=2, resolution=64, resume=False)
+        if kind == TRAIN_DB:
+            inputs.update(dataset_folder=photos, output_name=f"wf_{stem}", steps=2, resolution=64, resume=False,
+                          rank=4, alpha=4.0, num_class_images=2, class_sample_steps=2)
         if kind == "EmptyLatentImage":
             inputs.update(width=64, height=64, batch_size=1)
         if kind in ("KSampler", "KSamplerAdvanced"):
@@ -366,6 +438,10 @@ def test_shipped_workflow_runs(comfy, photos, tiny_blip, path):
         if node["class_type"] in ("SaveImage", "PreviewImage"):
             assert entry["outputs"][node_id]["images"], (node_id, entry["outputs"])
     if any(n["class_type"] == TRAIN for n in prompt.values()):
+        assert lora_files(comfy, f"wf_{stem}") == [f"wf_{stem}.safetensors"]
+    if any(n["class_type"] == TRAIN_DB and n["inputs"]["method"] == "dreambooth" for n in prompt.values()):
+        assert os.path.isfile(os.path.join(comfy.model_folder("checkpoints"), f"wf_{stem}.safetensors"))
+    if any(n["class_type"] == TRAIN_DB and n["inputs"]["method"] == "dreambooth_lora" for n in prompt.values()):
         assert lora_files(comfy, f"wf_{stem}") == [f"wf_{stem}.safetensors"]
     if any(n["class_type"] == TRAIN_TI for n in prompt.values()):
         assert os.path.isfile(os.path.join(comfy.model_folder("embeddings"), f"wf_{stem}.safetensors"))

@@ -100,9 +100,11 @@ def test_cancel_while_generating_keeps_the_finished_images(env, fresh, monkeypat
     (folder,) = class_folders(env)
     assert sorted(p for p in os.listdir(folder) if p.endswith(".png")) == ["000000.png", "000001.png"]
     assert not [p for p in os.listdir(folder) if p.endswith(".part")]
+    assert not (env["root"] / "output" / "personalize" / "runs" / "db").exists()  # no empty run folder is left
     monkeypatch.setattr(host, "check_interrupt", real)
-    train(db_cfg(env, steps=2), components=fresh())
+    result = train(db_cfg(env, steps=2), components=fresh())
     assert sampled == [[42], [43], [44]]
+    assert os.path.basename(result.run_dir) == "db"  # queued again: the same name
 
 
 @pytest.mark.parametrize("with_te", [False, True])
@@ -140,6 +142,19 @@ def test_dreambooth_lora_saves_a_lora_and_logs_both_losses(env, fresh, sampled):
     assert result.artifact.kind == "lora" and lora_files(env) == ["dbl.safetensors"]
     assert all({"instance_loss", "prior_loss"} <= set(r) for r in result.log)
     assert sum(len(s) for s in sampled) == 3
+
+
+def test_loss_curve_shows_the_instance_and_prior_loss(env, fresh):
+    import numpy as np
+
+    from trainers.training.plots import _SERIES_COLOURS
+
+    def has(image, colour):
+        return bool((np.asarray(image) == np.array(colour)).all(axis=-1).any())
+
+    split = train(db_cfg(env, steps=4), components=fresh()).loss_image()
+    plain = train(db_cfg(env, class_prompt="", steps=4, output_name="plain"), components=fresh()).loss_image()
+    assert all(has(split, c) for c in _SERIES_COLOURS[:2]) and not any(has(plain, c) for c in _SERIES_COLOURS[:2])
 
 
 def test_without_a_class_prompt_dreambooth_is_plain_fine_tuning(env, fresh, sampled):

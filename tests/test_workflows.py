@@ -175,6 +175,24 @@ def test_textual_inversion_workflow_prompts_with_the_trained_embedding():
     assert prompt[positive]["inputs"]["text"] == [concat, 0]
 
 
+@pytest.mark.parametrize("name,method,loader", [
+    ("train_dreambooth_sd15.json", "dreambooth", "PersonalizeLoadTrainedCheckpoint"),
+    ("train_dreambooth_lora_sd15.json", "dreambooth_lora", "PersonalizeApplyTrainedLoRA")])
+def test_dreambooth_workflows_sample_base_and_tuned_with_the_same_seed_and_prompt(name, method, loader):
+    prompt, by_type = shipped_prompt(name)
+    (train,), (load,) = by_type["PersonalizeTrainDreamBooth"], by_type[loader]
+    t = prompt[train]["inputs"]
+    assert t["method"] == method and t["class_prompt"] and t["instance_prompt"].startswith("a photo of sks")
+    link = "trained_checkpoint" if method == "dreambooth" else "trained_lora"
+    assert prompt[load]["inputs"][link] == [train, 0]  # the file it just wrote, by link
+    base, tuned = sorted(by_type["KSampler"], key=lambda k: prompt[k]["inputs"]["model"][0] == load)
+    assert prompt[tuned]["inputs"]["model"] == [load, 0] and prompt[base]["inputs"]["model"][0] != load
+    b, t = prompt[base]["inputs"], prompt[tuned]["inputs"]
+    assert b["seed"] == t["seed"] and b["latent_image"] == t["latent_image"] and b["steps"] == t["steps"]
+    text = lambda k: prompt[prompt[k]["inputs"]["positive"][0]]["inputs"]["text"]  # noqa: E731
+    assert text(base) == text(tuned)
+
+
 # --- ui_to_api on small hand-made graphs ----------------------------------------------
 def _node(node_id, kind, widgets=(), inputs=(), outputs=(), mode=0):
     return {"id": node_id, "type": kind, "mode": mode, "widgets_values": list(widgets),

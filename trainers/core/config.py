@@ -288,7 +288,7 @@ _WIDGET_TYPES = {int: "INT", float: "FLOAT", bool: "BOOLEAN", str: "STRING"}
 
 def widget(name: str, **override) -> tuple:
     """A ComfyUI input for this field: its type (or dropdown), default, range and tooltip from the declaration;
-    `override` replaces any option (e.g. a node's own default)."""
+    `override` replaces any option (e.g. a node's own default); its "choices" narrows a dropdown to some of them."""
     f = spec(name)
     meta, kind = f.metadata, typing.get_type_hints(TrainConfig)[name]
     options = {"default": default_of(name), "tooltip": meta["help"], **meta["ui"]}
@@ -297,7 +297,9 @@ def widget(name: str, **override) -> tuple:
     if meta["hi"] is not None:
         options["max"] = meta["hi"]
     options.update(override)
-    return (list(meta["choices"]) if meta["choices"] else _WIDGET_TYPES[kind], options)
+    shown = options.pop("choices", meta["choices"])
+    assert set(shown) <= set(meta["choices"]), f"{name}: {shown} are not all declared choices"
+    return (list(shown) if meta["choices"] else _WIDGET_TYPES[kind], options)
 
 
 def widgets(*names: str, **overrides: dict) -> dict:
