@@ -7,6 +7,8 @@ same 2-core machine: diffusers train_dreambooth_lora.py 0.50 s/step, ComfyUI Tra
 
     python bench/bench_lora.py [--steps 30] [--resolution 128] [--size mini] [--network lora|loha|lokr]
     python bench/bench_lora.py --method textual_inversion   # 1 vector from "dog"; --network does not apply
+    python bench/bench_lora.py --method dreambooth [--class-images 6]   # prior preservation; also times the
+    python bench/bench_lora.py --method dreambooth_lora                 # class images the base generates
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ def main():
     ap.add_argument("--size", default="mini", choices=["tiny", "mini"])
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--network", default="lora", choices=["lora", "loha", "lokr"])
-    ap.add_argument("--method", default="lora", choices=["lora", "textual_inversion"])
+    ap.add_argument("--method", default="lora", choices=["lora", "textual_inversion", "dreambooth", "dreambooth_lora"])
+    ap.add_argument("--class-images", type=int, default=6, help="DreamBooth: class images generated (25 steps)")
     ap.add_argument("--images", type=int, default=6)
     ap.add_argument("--in-memory", action="store_true",
                     help="hand the built model to the trainer instead of loading it from a checkpoint file")
@@ -65,6 +68,20 @@ def main():
                       network=args.network, alpha=args.rank, steps=args.steps, batch_size=1, resolution=args.resolution,
                       mixed_precision="no", lr_scheduler="constant", warmup_steps=0, save_every=0,
                       validation_every=0, resume=False, method=args.method, init_word="dog")
+    if args.method.startswith("dreambooth"):
+        cfg.class_prompt, cfg.num_class_images = "a photo of a dog", args.class_images
+        if args.method == "dreambooth":
+            cfg.unet_lr = 5e-6
+    class_images = engine("methods.class_images")
+    generate, generation = class_images.generate, []
+
+    def timed_generate(*a, **kw):
+        t = time.perf_counter()
+        made = generate(*a, **kw)
+        generation.append((made, time.perf_counter() - t))
+        return made
+
+    class_images.generate = timed_generate
     marks = []
     t0 = time.perf_counter()
     result = train(cfg, components=comps, progress=lambda step, total, loss: marks.append(time.perf_counter()))
@@ -72,7 +89,9 @@ def main():
     per_step = [b - a for a, b in zip(marks, marks[1:])]
     steady = statistics.median(per_step[len(per_step) // 4:]) if per_step else float("nan")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    trained = f"{args.network} rank {args.rank}" if args.method == "lora" else "textual inversion, 1 vector"
+    trained = {"lora": f"{args.network} rank {args.rank}", "dreambooth_lora": f"{args.network} rank {args.rank} "
+               f"with prior preservation", "dreambooth": "the whole UNet with prior preservation",
+               "textual_inversion": "textual inversion, 1 vector"}[args.method]
     print(f"model: {args.size} SD1.x; "
           f"{args.images} images at {args.resolution}px, {trained}, batch 1, fp32, {torch.get_num_threads()} threads")
     print(f"time to first step: {first:.2f} s ({'model built in memory' if args.in_memory else 'loading the checkpoint file'}"
@@ -80,6 +99,9 @@ def main():
     print(f"steady-state: {steady:.3f} s/step (median of steps {len(per_step)//4 + 2}..{args.steps})")
     print(f"total: {marks[-1] - t0:.1f} s for {result.steps} steps; final loss {result.log[-1]['loss']:.4f}")
     print(f"peak RSS: {rss_mb:.0f} MB")
+    for made, seconds in generation:
+        print(f"class images: {made} generated at {args.resolution}px, {cfg.class_sample_steps} steps, in {seconds:.1f} s "
+              f"({seconds / max(made, 1):.2f} s each)")
 
 
 if __name__ == "__main__":

@@ -107,9 +107,18 @@ def test_cancel_while_generating_keeps_the_finished_images(env, fresh, monkeypat
     assert os.path.basename(result.run_dir) == "db"  # queued again: the same name
 
 
+@pytest.fixture(scope="module")
+def fp16_checkpoint(toy_sd1, tmp_path_factory):
+    """The toy model as an fp16 file, as most SD1.5 downloads are (so a copied tensor and a converted one differ)."""
+    from trainers.testing.toy_models import save_single_file
+
+    return save_single_file(toy_sd1, str(tmp_path_factory.mktemp("fp16") / "toy_fp16.safetensors"),
+                            dtype=torch.float16)
+
+
 @pytest.mark.parametrize("with_te", [False, True])
-def test_checkpoint_keeps_untrained_tensors_bit_exact_and_reloads(env, toy_checkpoint, toy_tokenizer_dir, with_te):
-    comps = load_sd_components(toy_checkpoint, tokenizer_dir=toy_tokenizer_dir)
+def test_checkpoint_keeps_untrained_tensors_bit_exact_and_reloads(env, fp16_checkpoint, toy_tokenizer_dir, with_te):
+    comps = load_sd_components(fp16_checkpoint, tokenizer_dir=toy_tokenizer_dir)
     base_te = {k: v.clone() for k, v in comps.text_encoder.state_dict().items()}
     result = train(db_cfg(env, steps=2, train_text_encoder=with_te, text_encoder_lr=1e-3), components=comps)
     assert result.artifact.kind == "checkpoint"
@@ -117,13 +126,14 @@ def test_checkpoint_keeps_untrained_tensors_bit_exact_and_reloads(env, toy_check
     changed = any(not torch.equal(v, base_te[k]) for k, v in comps.text_encoder.state_dict().items())
     assert changed == with_te  # the text encoder changes only when it is trained
 
-    saved, base = load_file(result.artifact.path), load_file(toy_checkpoint)
+    saved, base = load_file(result.artifact.path), load_file(fp16_checkpoint)
     for key, tensor in base.items():
         trained = key.startswith("model.diffusion_model.") or (with_te and key.startswith("cond_stage_model."))
         if not trained:
             assert torch.equal(saved[key], tensor) and saved[key].dtype == tensor.dtype, key
     unet_keys = [k for k in base if k.startswith("model.diffusion_model.")]
-    assert any(not torch.equal(saved[k], base[k]) for k in unet_keys)
+    assert all(saved[k].dtype == torch.float32 for k in unet_keys)  # trained: in save_precision
+    assert any(not torch.equal(saved[k].half(), base[k]) for k in unet_keys)
     with safe_open(result.artifact.path, "pt") as f:
         meta = f.metadata()
     assert meta["personalize.method"] == "dreambooth" and meta["personalize.class_prompt"] == CLASS
