@@ -10,8 +10,10 @@ from .load_errors import SUPPORTED, ModelLoadError
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def read_state_dict(path: str) -> tuple[dict, dict]:
-    """(tensors, safetensors metadata) of a checkpoint file; never runs code from the file."""
+def read_state_dict(path: str, keep=None) -> tuple[dict, dict]:
+    """(tensors, safetensors metadata) of a checkpoint file; never runs code from the file. `keep(key)`, when
+    given, selects the tensors to return (a safetensors file then reads only those)."""
+    keep = keep or (lambda key: True)
     if os.path.getsize(path) == 0:
         raise ModelLoadError(f"'{path}' is empty (0 bytes): the download or copy did not finish.")
     lower = path.lower()
@@ -21,7 +23,7 @@ def read_state_dict(path: str) -> tuple[dict, dict]:
         try:
             with safe_open(path, framework="pt") as f:
                 metadata = f.metadata() or {}
-                return {k: f.get_tensor(k) for k in f.keys()}, metadata
+                return {k: f.get_tensor(k) for k in f.keys() if keep(k)}, metadata
         except Exception as e:  # the library raises its own error type for bad headers
             raise ModelLoadError(f"'{path}' is not a readable safetensors file ({e}). It is corrupt or "
                                  f"incomplete: download it again.") from e
@@ -42,5 +44,5 @@ def read_state_dict(path: str) -> tuple[dict, dict]:
             data = data["state_dict"]
         if not isinstance(data, dict):
             raise ModelLoadError(f"'{path}' does not hold a state dict. {SUPPORTED}")
-        return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, {}
+        return {k: v for k, v in data.items() if isinstance(v, torch.Tensor) and keep(k)}, {}
     raise ModelLoadError(f"'{path}' is not a checkpoint file. {SUPPORTED}")

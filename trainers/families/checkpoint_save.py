@@ -16,8 +16,7 @@ def checkpoint_tensors(comps, trained: tuple[str, ...], dtype) -> dict:
     out = diffusers_to_ldm(comps, dtype=dtype, parts=trained)
     prefixes = tuple(PARTS[part] for part in trained) + STALE
     if os.path.isfile(comps.source):
-        base, _ = read_state_dict(comps.source)
-        kept = {k: v for k, v in base.items() if not k.startswith(prefixes)}
+        kept, _ = read_state_dict(comps.source, keep=lambda key: not key.startswith(prefixes))
     else:
         kept = diffusers_to_ldm(comps, parts=tuple(p for p in PARTS if p not in trained))
     return {**kept, **out}

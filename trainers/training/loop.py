@@ -208,6 +208,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
         raise
 
     save_checkpoint(step)  # so a failed export can be resumed without retraining
+    optimizer.state.clear()  # its moments (twice the trained weights) are not needed past the checkpoint
     if cfg.validation_prompt:
         validation_image = _validate(cfg, method, comps, accelerator, unet, run, step, device)
     artifact = None
