@@ -6,17 +6,14 @@ rate) and its output (an embedding name for `embedding:<name>` in a prompt, not 
 from __future__ import annotations
 
 from ..trainers.core.config import widgets
-from .training_run import DATASET_INPUT, base_inputs, run_training
+from .training_run import DATASET_INPUT, TrainerNode, base_inputs, run_training
 
 
-class TrainTextualInversion:
+class TrainTextualInversion(TrainerNode):
     DESCRIPTION = ("Teach an SD1.5 checkpoint a new word for your subject or style: only the new word's embedding "
                    "trains (a few KB). The result is saved to models/embeddings; write embedding:<name> in any "
                    "CLIPTextEncode prompt (A1111: the file name) to use it. Cancel stops at the next step and keeps a "
                    "resumable checkpoint; queue again with 'resume' on to continue.")
-    CATEGORY = "Personalize/train"
-    FUNCTION = "train"
-    OUTPUT_NODE = True
     RETURN_TYPES = ("STRING", "STRING", "IMAGE", "IMAGE")
     RETURN_NAMES = ("embedding_name", "prompt_token", "loss_curve", "validation_image")
     OUTPUT_TOOLTIPS = ("File name of the trained embedding inside models/embeddings.",

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 from ..trainers.core.config import widgets
-from .training_run import DATASET_INPUT, base_inputs, run_training
+from .training_run import DATASET_INPUT, TrainerNode, base_inputs, run_training
 
 
-class TrainLoRA:
+class TrainLoRA(TrainerNode):
     DESCRIPTION = ("Train a LoRA of your subject or style on an SD1.5 checkpoint. The result is saved to "
                    "models/loras in kohya format, so LoraLoader and A1111 use it directly. Cancel stops at the "
                    "next step and keeps a resumable checkpoint; queue again with 'resume' on to continue.")
-    CATEGORY = "Personalize/train"
-    FUNCTION = "train"
-    OUTPUT_NODE = True
     RETURN_TYPES = ("STRING", "IMAGE", "IMAGE")
     RETURN_NAMES = ("lora_name", "loss_curve", "validation_image")
     OUTPUT_TOOLTIPS = ("File name of the trained LoRA inside models/loras.", "Loss per step (orange: smoothed).",

@@ -8,6 +8,13 @@ from ..trainers.core.config import TrainConfig
 from .convert import blank_image, pil_to_image
 from .paths import node_dataset, node_folder
 
+class TrainerNode:
+    """What every trainer node shares on the canvas; each adds its widgets, outputs and `train`."""
+    CATEGORY = "Personalize/train"
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+
+
 def base_inputs() -> dict:
     """The first two widgets of every trainer: the base checkpoint and the folder of photos."""
     return {
