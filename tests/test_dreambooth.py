@@ -167,6 +167,15 @@ def test_loss_curve_shows_the_instance_and_prior_loss(env, fresh):
     assert all(has(split, c) for c in _SERIES_COLOURS[:2]) and not any(has(plain, c) for c in _SERIES_COLOURS[:2])
 
 
+def test_a_bucketed_dataset_is_refused_before_any_class_image_is_made(env, fresh, sampled, tmp_path):
+    from test_dataset_build import _bucket_folder, build
+
+    dataset = build(_bucket_folder(tmp_path / "src"), settings={"mode": "buckets", "bucket_step": 16})
+    with pytest.raises(ValueError, match=r"64x64, but the dataset has images of 48x80, 80x48.*center crop"):
+        train(db_cfg(env, dataset=dataset.path, trigger_word="", resolution=64), components=fresh())
+    assert sampled == [] and class_folders(env) == []
+
+
 def test_without_a_class_prompt_dreambooth_is_plain_fine_tuning(env, fresh, sampled):
     result = train(db_cfg(env, class_prompt="", steps=2), components=fresh())
     assert sampled == [] and class_folders(env) == []

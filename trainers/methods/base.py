@@ -62,9 +62,9 @@ class TrainingMethod:
         """A prompt as this method's model reads it (textual inversion puts its new tokens in); validation uses it."""
         return text
 
-    def streams(self, comps, accelerator, device) -> dict:
-        """Image streams besides the dataset (e.g. DreamBooth's class images): {name: [TrainItem]}. The loop caches
-        their latents and captions like the dataset's and hands them to `batch` in TrainData.streams."""
+    def streams(self, items, comps, accelerator, device) -> dict:
+        """Image streams besides the dataset `items` (e.g. DreamBooth's class images): {name: [TrainItem]}. The loop
+        caches their latents and captions like the dataset's and hands them to `batch` in TrainData.streams."""
         return {}
 
     def metrics(self) -> dict:

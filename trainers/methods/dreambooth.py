@@ -21,9 +21,15 @@ class PriorPreservation:
     def preserves_prior(self) -> bool:
         return bool(self.cfg.class_prompt.strip())
 
-    def streams(self, comps, accelerator, device) -> dict:
+    def streams(self, items, comps, accelerator, device) -> dict:
         if not self.preserves_prior:
             return {}
+        square = (self.cfg.resolution, self.cfg.resolution)
+        sizes = sorted({tuple(it.bucket) for it in items if it.bucket and tuple(it.bucket) != square})
+        if sizes:  # found before any class image is made
+            raise ValueError(f"Prior preservation needs the photos at the class images' size, {square[0]}x{square[1]}, "
+                             f"but the dataset has images of {', '.join(f'{w}x{h}' for w, h in sizes)} (buckets). "
+                             f"Build the dataset with 'center crop' or 'pad', or leave class_prompt empty.")
         return {"class": class_images.class_items(self.cfg, comps, accelerator, device)}
 
     def batch(self, step, micro, gen, data) -> Batch:
@@ -37,11 +43,6 @@ class PriorPreservation:
         # As many class images as instance ones, drawn from this step's generator (so a resume repeats them).
         picks = torch.randint(len(items), (n,), generator=gen).tolist()
         class_latents = torch.stack([latents.sample(i, gen) for i in picks])
-        if class_latents.shape[1:] != batch.latents.shape[1:]:
-            raise ValueError(f"Prior preservation needs the class images at the instance images' size: the "
-                             f"batch is {tuple(batch.latents.shape[2:])} latents, the class images "
-                             f"{tuple(class_latents.shape[2:])}. Build the dataset with 'center crop' or 'pad' "
-                             f"(not buckets) at the training resolution.")
         weights = torch.tensor([1.0] * n + [self.cfg.prior_loss_weight] * n)
         return Batch(latents=torch.cat([batch.latents, class_latents]), texts=batch.texts + [items[i].caption for i in picks],
                      weights=weights, items=batch.items + [items[i] for i in picks])
