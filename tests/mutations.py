@@ -146,6 +146,12 @@ MUTATIONS = [
     Mutation("stopped_run_leaves_empty_folder", "trainers/training/loop.py",
              "                os.rmdir(run.path)  # only ever removes an empty folder\n", "                pass\n",
              ("tests/test_dreambooth.py::test_cancel_while_generating_keeps_the_finished_images",)),
+    Mutation("ema_not_in_checkpoints", "trainers/methods/dreambooth.py",
+             "return {**super().trainable_state(comps), **ema}", "return super().trainable_state(comps)",
+             ("tests/test_dreambooth.py::test_ema_of_the_weights_is_saved_and_resumes",)),
+    Mutation("ema_not_exported", "trainers/methods/dreambooth.py",
+             "                    p.copy_(self._ema[name])\n", "                    pass\n",
+             ("tests/test_dreambooth.py::test_ema_of_the_weights_is_saved_and_resumes",)),
     # ---- path policy ------------------------------------------------------------------
     Mutation("readable_always_true", "trainers/core/path_policy.py",
              "    return lambda path: is_inside(path, roots)", "    return lambda path: True",

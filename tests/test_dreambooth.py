@@ -6,7 +6,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from test_train_lora import cfg_for, env, fresh, lora_files  # noqa: F401 (fixtures)
+from test_train_lora import cfg_for, env, fresh, interrupt_at, lora_files  # noqa: F401 (fixtures)
+from test_training_contract import assert_same_tensors
 from trainers.core import host
 from trainers.families.model_loading import load_sd_components
 from trainers.methods import class_images
@@ -145,6 +146,31 @@ def test_checkpoint_keeps_untrained_tensors_bit_exact_and_reloads(env, fp16_chec
     with torch.no_grad():
         outs = [c.unet.eval()(x, torch.tensor([500]), c.text_encoder(ids)[0]).sample for c in (comps, reloaded)]
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_ema_of_the_weights_is_saved_and_resumes(env, toy_checkpoint, toy_tokenizer_dir):
+    load = lambda: load_sd_components(toy_checkpoint, tokenizer_dir=toy_tokenizer_dir)  # noqa: E731
+    comps, decay = load(), 0.6
+    ema = {k: v.clone() for k, v in comps.unet.state_dict().items()}
+    seen = []
+
+    def after_each_step(step, total, loss):  # the weights after each optimizer step
+        seen.append({k: v.detach().clone() for k, v in comps.unet.state_dict().items()})
+
+    cfg = dict(class_prompt="", steps=4, unet_lr=1e-3, ema_decay=decay)
+    straight = train(db_cfg(env, output_name="ema", **cfg), components=comps, progress=after_each_step)
+    for weights in seen:
+        ema = {k: e + (1 - decay) * (weights[k] - e) for k, e in ema.items()}
+    saved = load_sd_components(straight.artifact.path, tokenizer_dir=toy_tokenizer_dir).unet.state_dict()
+    for k, expected in ema.items():
+        torch.testing.assert_close(saved[k], expected, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(saved[k], seen[-1][k]) for k in saved)  # the EMA, not the last weights
+
+    cut = db_cfg(env, output_name="ema_cut", **cfg)
+    with pytest.raises(host.Interrupted):
+        train(cut, components=load(), progress=interrupt_at(2))
+    resumed = train(cut, components=load())
+    assert_same_tensors(load_file(resumed.artifact.path), load_file(straight.artifact.path))
 
 
 def test_dreambooth_lora_saves_a_lora_and_logs_both_losses(env, fresh, sampled):

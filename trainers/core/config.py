@@ -89,6 +89,10 @@ class TrainConfig:
                                     group="dreambooth")
     prior_loss_weight: float = setting(1.0, "DreamBooth: weight of the class images' loss against the instance "
                                             "loss.", lo=0.0, hi=10.0, group="dreambooth", ui={"step": 0.05})
+    ema_decay: float = setting(0.0, "method dreambooth: keep an exponential moving average of the fine-tuned weights with "
+                                     "this decay (e.g. 0.999) and save it instead of the last weights; 0: off. It "
+                                     "holds one more copy of the trained weights.", lo=0.0, hi=0.99999,
+                               group="dreambooth", ui={"step": 0.0001})
     class_sample_steps: int = setting(25, "DreamBooth: sampler steps (DPM-Solver++) per generated class image.",
                                       lo=1, hi=150, group="dreambooth")
 

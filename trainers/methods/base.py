@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..training import batches as batch_selection
-from ..training.resume import trainable_state
+from ..training.resume import trainable_params
 
 
 @dataclass
@@ -89,11 +89,12 @@ class TrainingMethod:
         return (per_sample * weights).sum() / weights.sum()
 
     def after_step(self, comps) -> None:
-        """After each optimizer step (e.g. restore frozen rows of an embedding); nothing by default."""
+        """After each optimizer step (e.g. update an EMA of the weights); nothing by default."""
 
     def trainable_state(self, comps) -> dict:
-        """What a checkpoint holds of the models: every trainable parameter, fp32 on the CPU."""
-        return trainable_state(comps)
+        """What a checkpoint holds besides the optimizer: live tensors by name, saved as they are and restored into
+        in place on resume. By default every trainable parameter (kept in fp32)."""
+        return trainable_params(comps)
 
     def export(self, comps, family, *, captions, dataset_dir, steps, started) -> Artifact:
         """Write what the run produces (main process only); returns it as an Artifact."""

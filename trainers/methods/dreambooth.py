@@ -9,6 +9,7 @@ import torch
 
 from ..core import host, safe_io
 from ..core.dtypes import DTYPES
+from ..training.resume import trainable_params
 from . import class_images
 from .base import Artifact, Batch, TrainingMethod
 from .lora import LoraMethod
@@ -79,13 +80,36 @@ class DreamBoothMethod(PriorPreservation, TrainingMethod):
             encoder.requires_grad_(self.cfg.train_text_encoder)
             if self.cfg.train_text_encoder:
                 groups.append({"params": list(encoder.parameters()), "lr": self.cfg.text_encoder_lr})
+        # The EMA starts from the base weights, as diffusers' EMAModel does; it follows them to their device.
+        self._ema = {k: p.detach().clone().float() for k, p in trainable_params(comps).items()} \
+            if self.cfg.ema_decay else None
         return groups
+
+    def after_step(self, comps) -> None:
+        if self._ema is None:
+            return
+        live = trainable_params(comps)
+        for name, p in live.items():
+            if self._ema[name].device != p.device:
+                self._ema[name] = self._ema[name].to(p.device)
+        with torch.no_grad():
+            torch._foreach_lerp_([self._ema[k] for k in live], [p.detach() for p in live.values()],
+                                 1.0 - self.cfg.ema_decay)
+
+    def trainable_state(self, comps) -> dict:
+        """The trained weights, and their EMA (restored in place on resume like the weights)."""
+        ema = {f"ema.{k}": v for k, v in (self._ema or {}).items()}
+        return {**super().trainable_state(comps), **ema}
 
     def export(self, comps, family, *, captions, dataset_dir, steps, started) -> Artifact:
         from ..families.checkpoint_save import checkpoint_tensors
         from ..families.ldm_keys import config_hints
 
         cfg = self.cfg
+        if self._ema is not None:  # the EMA is what is saved
+            with torch.no_grad():
+                for name, p in trainable_params(comps).items():
+                    p.copy_(self._ema[name])
         trained = ("unet", "text_encoder") if cfg.train_text_encoder else ("unet",)
         tensors = checkpoint_tensors(comps, trained, DTYPES[cfg.save_precision])
         meta = {
@@ -101,6 +125,7 @@ class DreamBoothMethod(PriorPreservation, TrainingMethod):
             "personalize.instance_prompt": cfg.instance_prompt,
             "personalize.class_prompt": cfg.class_prompt,
             "personalize.prior_loss_weight": str(cfg.prior_loss_weight),
+            "personalize.ema_decay": str(cfg.ema_decay),
             "personalize.steps": str(steps),
             "personalize.images": str(len(captions)),
             "personalize.base_model": comps.info.get("name", ""),

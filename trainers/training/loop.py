@@ -118,7 +118,8 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
 
     start_step = 0
     if checkpoints:
-        start_step, fallbacks = restore(run, checkpoints, comps, optimizer, scheduler, accelerator)
+        start_step, fallbacks = restore(run, checkpoints, method.trainable_state(comps), optimizer, scheduler,
+                                        accelerator)
         _note(accelerator, notes, *fallbacks)
         if accelerator.is_main_process:
             run.truncate_log(start_step)

@@ -16,17 +16,21 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a loss that is not finite, no checkpoint that loads); the message says what to do."""
 
 
-def trainable_state(comps) -> dict:
-    return {k: p.detach().float().cpu() for k, p in _trainable_params(comps).items()}
+def trainable_params(comps) -> dict:
+    """The parameters that train, by their checkpoint names (unet.<name>, text_encoder.<name>)."""
+    params = {}
+    for prefix, model in comps.named_models():
+        params.update({f"{prefix}.{n}": p for n, p in model.named_parameters() if p.requires_grad})
+    return params
 
 
-def restore(run: RunDir, checkpoints: list[str], comps, optimizer, scheduler, accelerator) -> tuple[int, list[str]]:
-    """Continue from the newest checkpoint that loads; ones that do not are set aside (step_N.bad).
+def restore(run: RunDir, checkpoints: list[str], params: dict, optimizer, scheduler, accelerator) -> tuple[int, list[str]]:
+    """Continue from the newest checkpoint that loads; ones that do not are set aside (step_N.bad). `params`: the
+    live tensors a checkpoint holds, by name (the method's trainable_state), which are restored in place.
 
     Returns the step and notes on the checkpoints skipped. Each is read and checked whole before
     anything is copied into the model or optimizer, so a failed attempt leaves nothing half-restored.
     """
-    params = _trainable_params(comps)
     saved, failed = None, []
     for checkpoint in reversed(checkpoints):
         try:
@@ -53,11 +57,3 @@ def restore(run: RunDir, checkpoints: list[str], comps, optimizer, scheduler, ac
         notes.append(f"Checkpoint {name} of {run.name} could not be loaded ({e}); resumed from step {saved['step']} "
                      f"instead. The bad one was renamed to {os.path.basename(aside)}.")
     return saved["step"], notes
-
-
-def _trainable_params(comps) -> dict:
-    """The parameters a checkpoint holds, by their checkpoint names (as trainable_state writes them)."""
-    params = {}
-    for prefix, model in comps.named_models():
-        params.update({f"{prefix}.{n}": p for n, p in model.named_parameters() if p.requires_grad})
-    return params
