@@ -59,9 +59,9 @@ MUTATIONS = [
     Mutation("ensure_inside_does_not_follow_links", "trainers/core/safe_io.py",
              "    real = os.path.realpath(path)\n", "    real = os.path.abspath(path)\n",
              (f"{NAMES}::test_ensure_inside_follows_links_out",)),
-    Mutation("lora_export_write_guard_removed", "trainers/methods/lora.py",
-             "safe_io.safetensors_writer(tensors, meta),\n                                roots=host.writable_roots())",
-             "safe_io.safetensors_writer(tensors, meta))",
+    Mutation("export_write_guard_removed", "trainers/methods/base.py",
+             "safe_io.safetensors_writer(tensors, metadata), roots=host.writable_roots())",
+             "safe_io.safetensors_writer(tensors, metadata))",
              (f"{NAMES}::test_export_refuses_to_write_outside_the_writable_roots",)),
     Mutation("tests_use_comfyui_dir_folders", "tests/conftest.py",
              '        h.configure(models_dir=str(root / "models"), output_dir=str(root / "output"), '

@@ -9,7 +9,7 @@ import pytest
 from pack_loader import load_pack
 from test_train_lora import cfg_for
 from trainers.core import host, path_policy, safe_io
-from trainers.methods import lora as lora_method
+from trainers.methods import base as method_base
 from trainers.data.captions import with_trigger
 from trainers.testing.demo import make_photos
 from trainers.training.loop import train
@@ -203,7 +203,7 @@ class _NoNameRules:
 def test_export_refuses_to_write_outside_the_writable_roots(nest, toy_sd1, monkeypatch):
     """The second line of defence: were the name rules to let '../' through, the LoRA export still
     writes nothing outside the host's writable folders (models/loras, output, temp)."""
-    monkeypatch.setattr(lora_method, "safe_io", _NoNameRules())
+    monkeypatch.setattr(method_base, "safe_io", _NoNameRules())  # where every export saves
     escaped = nest["loras"].parent.parent / "escaped.safetensors"
     assert not any(os.path.realpath(escaped).startswith(r + os.sep) for r in host.writable_roots())
     with pytest.raises(PermissionError, match="outside"):

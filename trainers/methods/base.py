@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core import host, safe_io
 from ..training import batches as batch_selection
 from ..training.resume import trainable_params
 
@@ -99,3 +100,10 @@ class TrainingMethod:
     def export(self, comps, family, *, captions, dataset_dir, steps, started) -> Artifact:
         """Write what the run produces (main process only); returns it as an Artifact."""
         raise NotImplementedError
+
+
+def save_model_file(folder: str, cfg, default: str, tensors: dict, metadata: dict) -> str:
+    """models/<folder>/<output_name>.safetensors, or name_2...: the name is taken at the moment of writing, so an
+    export running beside this one keeps its file. Returns the path written."""
+    return safe_io.save_new(host.model_dirs(folder)[0], safe_io.sanitize_name(cfg.output_name, default),
+                            ".safetensors", safe_io.safetensors_writer(tensors, metadata), roots=host.writable_roots())

@@ -3,15 +3,13 @@ saved like a LoRA), both with class-prior preservation: each batch joins the ins
 images, and the loss is instance MSE + prior_loss_weight x class MSE (diffusers' train_dreambooth.py)."""
 from __future__ import annotations
 
-import time
-
 import torch
 
-from ..core import host, safe_io
+from ..core.modelspec import modelspec
 from ..core.dtypes import DTYPES
 from ..training.resume import trainable_params
 from . import class_images
-from .base import Artifact, Batch, TrainingMethod
+from .base import Artifact, Batch, TrainingMethod, save_model_file
 from .lora import LoraMethod
 
 
@@ -75,7 +73,7 @@ class DreamBoothMethod(PriorPreservation, TrainingMethod):
     def setup(self, comps) -> list[dict]:
         comps.vae.requires_grad_(False)
         comps.unet.requires_grad_(True)
-        groups = [{"params": [p for p in comps.unet.parameters()], "lr": self.cfg.unet_lr}]
+        groups = [{"params": list(comps.unet.parameters()), "lr": self.cfg.unet_lr}]
         for encoder in comps.text_encoders:
             encoder.requires_grad_(self.cfg.train_text_encoder)
             if self.cfg.train_text_encoder:
@@ -114,11 +112,7 @@ class DreamBoothMethod(PriorPreservation, TrainingMethod):
         tensors = checkpoint_tensors(comps, trained, DTYPES[cfg.save_precision])
         meta = {
             **config_hints(comps),
-            "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": family.architecture,
-            "modelspec.title": cfg.output_name,
-            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
+            **modelspec(family.architecture, cfg.output_name, started, resolution=f"{cfg.resolution}x{cfg.resolution}"),
             "personalize.method": self.name,
             "personalize.trained": ",".join(trained),
             "personalize.trigger_word": cfg.trigger_word,
@@ -133,10 +127,7 @@ class DreamBoothMethod(PriorPreservation, TrainingMethod):
         }
         if cfg.trigger_word:
             meta["modelspec.trigger_phrase"] = cfg.trigger_word
-        path = safe_io.save_new(host.model_dirs("checkpoints")[0], safe_io.sanitize_name(cfg.output_name, "dreambooth"),
-                                ".safetensors", safe_io.safetensors_writer(tensors, meta),
-                                roots=host.writable_roots())
-        return Artifact("checkpoint", path)
+        return Artifact("checkpoint", save_model_file("checkpoints", cfg, "dreambooth", tensors, meta))
 
 
 class DreamBoothLoraMethod(PriorPreservation, LoraMethod):

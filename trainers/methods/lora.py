@@ -1,11 +1,10 @@
 """The LoRA method: adapters on the UNet (and optionally the text encoder), saved as a kohya-format LoRA file."""
 from __future__ import annotations
 
-from ..core import host, safe_io
 from ..core.dtypes import DTYPES
 from ..networks import registry, targets
 from ..networks.lora_metadata import lora_metadata
-from .base import Artifact, TrainingMethod
+from .base import Artifact, TrainingMethod, save_model_file
 
 
 class LoraMethod(TrainingMethod):
@@ -46,8 +45,4 @@ class LoraMethod(TrainingMethod):
                                           dtype=dtype)
         meta = lora_metadata(cfg, family, comps.info, captions, dataset_dir, steps, started, tensors,
                              self.network.metadata(cfg))
-        # name, name_2...: taken at the moment of writing, so an export running beside this one keeps its file
-        path = safe_io.save_new(host.model_dirs("loras")[0], safe_io.sanitize_name(cfg.output_name, "lora"),
-                                ".safetensors", safe_io.safetensors_writer(tensors, meta),
-                                roots=host.writable_roots())
-        return Artifact("lora", path)
+        return Artifact("lora", save_model_file("loras", cfg, "lora", tensors, meta))

@@ -8,12 +8,11 @@ change, and the optimizer state and checkpoints hold n x dim numbers, not 49408 
 from __future__ import annotations
 
 import re
-import time
 
 import torch
 
-from ..core import host, safe_io
-from .base import Artifact, Batch, TrainingMethod
+from ..core.modelspec import modelspec
+from .base import Artifact, Batch, TrainingMethod, save_model_file
 
 
 class SplicedEmbedding(torch.nn.Module):
@@ -93,11 +92,8 @@ class TextualInversionMethod(TrainingMethod):
         tensors = {family.embedding_keys[0]: vectors}
         info = comps.info
         meta = {
-            "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": f"{family.architecture}/textual-inversion",
-            "modelspec.title": cfg.output_name,
-            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "modelspec.trigger_phrase": f"embedding:{cfg.output_name}",
+            **modelspec(f"{family.architecture}/textual-inversion", cfg.output_name, started,
+                        trigger_phrase=f"embedding:{cfg.output_name}"),
             "personalize.token": cfg.trigger_word,
             "personalize.init_word": cfg.init_word,
             "personalize.vectors": str(len(vectors)),
@@ -108,7 +104,4 @@ class TextualInversionMethod(TrainingMethod):
             # what A1111 writes in its own embedding files
             "step": str(steps), "sd_checkpoint": info.get("legacy_hash", ""), "sd_checkpoint_name": info.get("name", ""),
         }
-        path = safe_io.save_new(host.model_dirs("embeddings")[0], safe_io.sanitize_name(cfg.output_name, "embedding"),
-                                ".safetensors", safe_io.safetensors_writer(tensors, meta),
-                                roots=host.writable_roots())
-        return Artifact("embedding", path)
+        return Artifact("embedding", save_model_file("embeddings", cfg, "embedding", tensors, meta))

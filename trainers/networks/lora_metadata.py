@@ -8,6 +8,8 @@ import os
 import time
 from collections import Counter
 
+from ..core.modelspec import modelspec
+
 
 def tag_frequency(captions: list[str]) -> dict:
     """Comma-separated tags counted as kohya does (ss_tag_frequency's inner dict)."""
@@ -69,12 +71,9 @@ def lora_metadata(cfg, family, base_info: dict, captions: list[str], dataset_dir
         "ss_training_comment": f"trigger: {cfg.trigger_word}" if cfg.trigger_word else "",
         "ss_training_started_at": str(started),
         "ss_training_finished_at": str(time.time()),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{family.architecture}/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-        "modelspec.title": cfg.output_name,
-        "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        **modelspec(f"{family.architecture}/lora", cfg.output_name, started,
+                    implementation="https://github.com/Stability-AI/generative-models",
+                    resolution=f"{cfg.resolution}x{cfg.resolution}"),
         "personalize.trigger_word": cfg.trigger_word,
     }
     if cfg.trigger_word:
