@@ -44,7 +44,7 @@ class TrainDreamBooth(TrainerNode):
                           "save_precision", "grad_accum", "optimizer", "lr_scheduler", "warmup_steps",
                           "mixed_precision", "gradient_checkpointing", "crop", "flip", "min_snr_gamma",
                           "noise_offset", "caption_dropout", "save_every", "keep_checkpoints", "validation_prompt",
-                          "validation_every", "resume", "ema_decay",
+                          "validation_every", "resume", "ema_decay", "class_sample_batch", "class_precision",
                           text_encoder_lr={"default": 2e-6}, lr_scheduler={"default": "constant"},
                           warmup_steps={"default": 0}, gradient_checkpointing={"default": True},
                           save_every={"default": 250}, keep_checkpoints={"default": 1}),

@@ -65,27 +65,28 @@ def test_prior_loss_is_the_weighted_class_half_of_the_batch(env, fresh, monkeypa
 
 
 def test_class_images_are_cached_reused_and_a_partial_set_resumes(env, fresh, sampled):
-    train(db_cfg(env, steps=1), components=fresh())
+    # fp32 throughout: an image is the same whatever batch makes it (half precision may differ in the last bits)
+    train(db_cfg(env, class_precision="fp32", steps=1), components=fresh())
     (folder,) = class_folders(env)
     images = sorted(p for p in os.listdir(folder) if p.endswith(".png"))
     assert images == ["000000.png", "000001.png", "000002.png"] and sampled == [[42, 43, 44]]
     first = (folder / "000001.png").read_bytes()
 
-    train(db_cfg(env, steps=1, output_name="db_again", resume=False), components=fresh())
+    train(db_cfg(env, class_precision="fp32", steps=1, output_name="db_again", resume=False), components=fresh())
     assert sampled == [[42, 43, 44]]  # the same settings reuse the set
 
     os.remove(folder / "000001.png")  # as if stopped part-way
-    train(db_cfg(env, steps=1, output_name="db_third", num_class_images=4), components=fresh())
+    train(db_cfg(env, class_precision="fp32", steps=1, output_name="db_third", num_class_images=4), components=fresh())
     assert sampled[1:] == [[43, 45]]  # only the missing ones, each from its own seed
     assert (folder / "000001.png").read_bytes() == first
     assert class_folders(env) == [folder]
 
-    train(db_cfg(env, steps=1, output_name="db_other", class_prompt="a photo of a cup"), components=fresh())
+    train(db_cfg(env, class_precision="fp32", steps=1, output_name="db_other", class_prompt="a photo of a cup"),
+          components=fresh())
     assert len(class_folders(env)) == 2  # another prompt, another set
 
 
 def test_cancel_while_generating_keeps_the_finished_images(env, fresh, monkeypatch, sampled):
-    monkeypatch.setattr(class_images, "GENERATE_BATCH", 1)
     real = host.check_interrupt
     calls = {"n": 0}
 
@@ -97,15 +98,39 @@ def test_cancel_while_generating_keeps_the_finished_images(env, fresh, monkeypat
 
     monkeypatch.setattr(host, "check_interrupt", cancel_after_two)
     with pytest.raises(host.Interrupted):
-        train(db_cfg(env, steps=2), components=fresh())
+        train(db_cfg(env, steps=2, class_sample_batch=1), components=fresh())
     (folder,) = class_folders(env)
     assert sorted(p for p in os.listdir(folder) if p.endswith(".png")) == ["000000.png", "000001.png"]
     assert not [p for p in os.listdir(folder) if p.endswith(".part")]
     assert not (env["root"] / "output" / "personalize" / "runs" / "db").exists()  # no empty run folder is left
     monkeypatch.setattr(host, "check_interrupt", real)
-    result = train(db_cfg(env, steps=2), components=fresh())
+    result = train(db_cfg(env, steps=2, class_sample_batch=1), components=fresh())
     assert sampled == [[42], [43], [44]]
     assert os.path.basename(result.run_dir) == "db"  # queued again: the same name
+
+
+def test_class_images_sample_in_the_chosen_precision(env, fresh, monkeypatch):
+    from PIL import Image
+
+    seen = []
+
+    def spy(comps, unet, prompts, seeds, **kw):
+        seen.append((kw["dtype"], next(unet.parameters()).dtype))
+        return [Image.new("RGB", (32, 32))] * len(prompts)
+
+    monkeypatch.setattr(validation, "sample_images", spy)
+    train(db_cfg(env, steps=1, class_precision="bf16"), components=fresh())
+    assert seen == [(torch.bfloat16, torch.float32)]  # autocast: the weights stay fp32
+
+
+def test_sampling_dtype_follows_the_device():
+    from trainers.core import dtypes
+
+    assert dtypes.sampling_dtype("auto", "cuda") == torch.float16
+    assert dtypes.sampling_dtype("auto", "cuda", "bf16") == torch.bfloat16
+    assert dtypes.sampling_dtype("fp16", "cpu") == torch.float32  # emulated on a CPU: fp32 instead
+    assert dtypes.sampling_dtype("fp32", "cuda") == torch.float32
+    assert dtypes.sampling_dtype("auto", "cpu") == (torch.bfloat16 if dtypes._native_cpu_bf16() else torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -207,22 +207,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(env, fresh, monkeypat
 
 
 def test_failure_while_saving_leaves_no_partial_file_and_can_be_resumed(env, fresh, monkeypatch):
-    import safetensors.torch as st
+    from trainers.core import safetensors_file
 
-    real_save = st.save_file
+    real_write = safetensors_file.write
 
-    def broken(tensors, path, metadata=None):
+    def broken(path, tensors, metadata=None):
         with open(path, "wb") as f:
             f.write(b"half a file")
         raise OSError("No space left on device")
 
     cfg = cfg_for(env, steps=2)
-    monkeypatch.setattr(st, "save_file", lambda t, p, metadata=None: broken(t, p) if "loras" in str(p)
-                        else real_save(t, p, metadata=metadata))
+    monkeypatch.setattr(safetensors_file, "write", lambda p, t, metadata=None: broken(p, t) if "loras" in str(p)
+                        else real_write(p, t, metadata=metadata))
     with pytest.raises(OSError, match="No space"):
         train(cfg, components=fresh())
     assert not env["loras"].exists() or os.listdir(env["loras"]) == []
-    monkeypatch.setattr(st, "save_file", real_save)
+    monkeypatch.setattr(safetensors_file, "write", real_write)
     result = train(cfg, components=fresh())  # resumes at step 2 and only exports
     assert [r["step"] for r in result.log] == [1, 2]
     assert lora_files(env) == ["subject.safetensors"]

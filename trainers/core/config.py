@@ -95,6 +95,13 @@ class TrainConfig:
                                group="dreambooth", ui={"step": 0.0001})
     class_sample_steps: int = setting(25, "DreamBooth: sampler steps (DPM-Solver++) per generated class image.",
                                       lo=1, hi=150, group="dreambooth")
+    class_sample_batch: int = setting(4, "DreamBooth: class images generated per sampler call (more is faster on a "
+                                         "GPU with memory to spare; Cancel is checked between calls).", lo=1, hi=64,
+                                      group="dreambooth")
+    class_precision: str = setting("auto", "DreamBooth: precision of class-image sampling (autocast: the weights stay "
+                                           "fp32). auto: the run's half precision on a GPU (fp16 unless bf16 is "
+                                           "chosen), bf16 on a CPU that computes it natively (AVX512-BF16, AMX), "
+                                           "else fp32.", choices=("auto", "fp32", "bf16", "fp16"), group="dreambooth")
 
     # The embedding of a textual-inversion run.
     init_word: str = setting("", "Textual inversion: a word close to the subject (dog, woman, painting) that the new "

@@ -193,12 +193,12 @@ def save_new(directory: str, stem: str, suffix: str, write, roots: list[str] | N
 
 
 def safetensors_writer(tensors: dict, metadata: dict | None = None):
-    """A write(path) function for _atomic or save_new; tensors are copied to CPU now, not when it runs."""
-    from safetensors.torch import save_file
+    """A write(path) function for _atomic or save_new. `tensors` maps names to tensors or
+    safetensors_file.Pending entries; they are streamed one at a time (see safetensors_file)."""
+    from . import safetensors_file
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    return lambda tmp: save_file(tensors, tmp, metadata=meta)
+    return lambda tmp: safetensors_file.write(tmp, tensors, meta)
 
 
 def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> str:

@@ -18,13 +18,11 @@ def read_state_dict(path: str, keep=None) -> tuple[dict, dict]:
         raise ModelLoadError(f"'{path}' is empty (0 bytes): the download or copy did not finish.")
     lower = path.lower()
     if lower.endswith(".safetensors"):
-        from safetensors import safe_open
+        from ..core import safetensors_file
 
-        try:
-            with safe_open(path, framework="pt") as f:
-                metadata = f.metadata() or {}
-                return {k: f.get_tensor(k) for k in f.keys() if keep(k)}, metadata
-        except Exception as e:  # the library raises its own error type for bad headers
+        try:  # each tensor read into fresh memory, without mapping the whole file (see safetensors_file)
+            return safetensors_file.read(path, keep)
+        except ValueError as e:
             raise ModelLoadError(f"'{path}' is not a readable safetensors file ({e}). It is corrupt or "
                                  f"incomplete: download it again.") from e
     if lower.endswith(PICKLE_EXTENSIONS):

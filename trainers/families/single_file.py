@@ -66,9 +66,9 @@ def _instantiate(build, state_dict: dict, dtype, what: str, path: str):
     missing, unknown = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     if missing or unknown:
         raise ModelLoadError(f"'{path}': {ldm_keys.mismatch_message(what, missing, unknown)}")
-    # Fresh copies: tensors read from a file can sit at unaligned addresses, which changes results
-    # in the last bits and slows some kernels.
-    tensors = {k: v.to(dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state_dict.items()}
+    # No copy: checkpoint_file reads each tensor into its own fresh, aligned memory (a tensor left in a
+    # mapped file could sit at an unaligned address, which changes results in the last bits).
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:

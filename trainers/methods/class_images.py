@@ -19,9 +19,6 @@ from ..data.items import TrainItem
 
 log = logging.getLogger("personalize")
 
-GENERATE_BATCH = 4  # images per sampler call: bounded memory, and Cancel is checked between calls
-
-
 def class_items(cfg, comps, accelerator, device) -> list[TrainItem]:
     """`cfg.num_class_images` class images, each with the class prompt as its caption."""
     if cfg.class_images:  # a node has already checked it against the server's folders
@@ -29,7 +26,7 @@ def class_items(cfg, comps, accelerator, device) -> list[TrainItem]:
     else:
         folder = generated_folder(cfg, comps)
         if accelerator.is_main_process:
-            generate(cfg, comps, folder, device)
+            generate(cfg, comps, folder, device, accelerator.mixed_precision)
         accelerator.wait_for_everyone()  # the other processes read what the main one made
         paths = [_image_path(folder, i) for i in range(cfg.num_class_images)]
     return [TrainItem(path, cfg.class_prompt) for path in paths]
@@ -64,22 +61,27 @@ def _image_path(folder: str, index: int) -> str:
     return os.path.join(folder, f"{index:06d}.png")
 
 
-def generate(cfg, comps, folder: str, device) -> int:
-    """Make the missing images of the set with the frozen base; returns how many were made."""
+def generate(cfg, comps, folder: str, device, mixed_precision: str = "no") -> int:
+    """Make the missing images of the set with the frozen base, `cfg.class_sample_batch` per sampler call (bounded
+    memory; Cancel is checked between calls); returns how many were made."""
+    from ..core.dtypes import sampling_dtype
     from ..training.validation import sample_images
 
     missing = [i for i in range(cfg.num_class_images) if not os.path.isfile(_image_path(folder, i))]
     if not missing:
         return 0
-    log.info("generating %d class images for '%s' in %s", len(missing), cfg.class_prompt, folder)
+    dtype = sampling_dtype(cfg.class_precision, device, mixed_precision)
+    log.info("generating %d class images for '%s' in %s (%s)", len(missing), cfg.class_prompt, folder,
+             str(dtype).removeprefix("torch."))
     bar = host.Progress(len(missing))
     unet_device = comps.unet.device
     comps.unet.to(device)
     try:
-        for start in range(0, len(missing), GENERATE_BATCH):
-            chunk = missing[start:start + GENERATE_BATCH]
+        for start in range(0, len(missing), cfg.class_sample_batch):
+            chunk = missing[start:start + cfg.class_sample_batch]
             images = sample_images(comps, comps.unet, [cfg.class_prompt] * len(chunk), [cfg.seed + i for i in chunk],
-                                   resolution=cfg.resolution, steps=cfg.class_sample_steps, device=device)
+                                   resolution=cfg.resolution, steps=cfg.class_sample_steps, device=device,
+                                   dtype=dtype)
             for index, image in zip(chunk, images):
                 path = _image_path(folder, index)
                 image.save(path + ".part", format="PNG")

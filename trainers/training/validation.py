@@ -6,9 +6,9 @@ import torch
 
 @torch.no_grad()
 def sample_images(comps, unet, prompts: list[str], seeds: list[int], *, resolution: int, steps: int, device,
-                  guidance_scale: float = 7.5, negative_prompt: str = "") -> list:
+                  guidance_scale: float = 7.5, negative_prompt: str = "", dtype=None) -> list:
     """One image per prompt with the current weights (a LoRA active), each from its own seed, as PIL images.
-    DPM-Solver++, so 20-25 steps suffice."""
+    DPM-Solver++, so 20-25 steps suffice. `dtype`: compute under autocast in it (default: the UNet's dtype)."""
     from diffusers import DPMSolverMultistepScheduler
 
     from ..families.components import SD_SCHEDULER_CONFIG
@@ -24,7 +24,7 @@ def sample_images(comps, unet, prompts: list[str], seeds: list[int], *, resoluti
         pipe = get_family(comps.family).pipeline(comps, unet, scheduler)
         pipe.set_progress_bar_config(disable=True)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        dtype = next(unet.parameters()).dtype
+        dtype = dtype or next(unet.parameters()).dtype
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             return pipe(prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
                         height=resolution, width=resolution, num_inference_steps=steps,
