@@ -1,8 +1,10 @@
 """ComfyUI node classes. Each module exports its own mappings; they are merged here."""
-from . import apply_lora, caption, dataset, load_checkpoint, train_dreambooth, train_embedding, train_lora
+from . import (apply_lora, benchmark, caption, compare, dataset, load_checkpoint, train_dreambooth, train_embedding,
+               train_lora)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (train_lora, train_dreambooth, train_embedding, apply_lora, load_checkpoint, caption, dataset):
+for _module in (train_lora, train_dreambooth, train_embedding, apply_lora, load_checkpoint, caption, dataset,
+                compare, benchmark):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)

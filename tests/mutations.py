@@ -377,6 +377,44 @@ MUTATIONS += [
              ('tests/test_training_contract.py::test_resume_in_a_warmup_cosine_schedule_repeats_the_rates_and_the_exact_weights',)),
 ]
 
+# ---- streaming safetensors, class-image precision, the DreamBench metrics and the comparison report ----
+COMPARE_T = "tests/test_compare.py"
+MUTATIONS += [
+    Mutation("safetensors_header_unpadded", "trainers/core/safetensors_file.py",
+             '    raw += b" " * (-(8 + len(raw)) % 8)\n', "", ("tests/test_safetensors_file.py",)),
+    Mutation("safetensors_read_ignores_keep", "trainers/core/safetensors_file.py",
+             "            if keep is None or keep(name):\n                tensors[name]",
+             "            if True:\n                tensors[name]", ("tests/test_safetensors_file.py",)),
+    Mutation("checkpoint_export_casts_kept_tensors", "trainers/families/checkpoint_save.py",
+             "        kept = safetensors_file.pending(comps.source, keep=lambda key: not key.startswith(prefixes))\n",
+             "        kept = {k: Pending.cast(v.load(), dtype) for k, v in safetensors_file.pending(\n"
+             "            comps.source, keep=lambda key: not key.startswith(prefixes)).items()}\n",
+             ("tests/test_dreambooth.py::test_checkpoint_keeps_untrained_tensors_bit_exact_and_reloads",)),
+    Mutation("class_precision_ignored", "trainers/methods/class_images.py",
+             "device=device,\n                                   dtype=dtype)", "device=device)",
+             ("tests/test_dreambooth.py::test_class_images_sample_in_the_chosen_precision",)),
+    Mutation("neutral_prompt_keeps_identifier", "trainers/evaluate/dreambench.py",
+             "    replaced = re.sub(pattern, class_noun.strip(), prompt)\n", "    replaced = prompt\n", (COMPARE_T,)),
+    Mutation("similarity_diagonal_only", "trainers/evaluate/dreambench.py",
+             "return Score((a @ b.T).mean().item(),", "return Score((a[:len(b)] * b[:len(a)]).sum(-1).mean().item(),",
+             (COMPARE_T,)),
+    Mutation("div_counts_self_pairs", "trainers/evaluate/dreambench.py",
+             "itertools.combinations(range(len(group)), 2)", "itertools.product(range(len(group)), repeat=2)",
+             (COMPARE_T,)),
+    Mutation("pres_from_subject_prompts", "trainers/evaluate/compare.py",
+             'row["PRES"] = dreambench.similarity(dino, [im for i in classes for im in by_prompt[i]], references)',
+             'row["PRES"] = dreambench.similarity(dino, images, references)', (COMPARE_T,)),
+    Mutation("report_overwrites", "trainers/evaluate/compare.py",
+             "            os.mkdir(folder)  # exclusive", "            os.makedirs(folder, exist_ok=True)  # exclusive",
+             (COMPARE_T,)),
+    Mutation("clip_t_scores_raw_prompt", "trainers/evaluate/compare.py",
+             "texts = [dreambench.neutral_prompt(prompts[i], identifier, class_noun) for i in subject",
+             "texts = [prompts[i] for i in subject", (COMPARE_T,)),
+    Mutation("cost_warmup_timed", "trainers/evaluate/inference_cost.py",
+             "    calls = max(1, -(-images // batch))\n", "    calls = max(1, -(-images // batch)) + warmup\n",
+             ("tests/test_inference_cost.py",)),
+]
+
 
 def repo_files() -> list[str]:
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,

@@ -446,3 +446,64 @@ def test_shipped_workflow_runs(comfy, photos, tiny_blip, path):
     if any(n["class_type"] == TRAIN_TI for n in prompt.values()):
         assert os.path.isfile(os.path.join(comfy.model_folder("embeddings"), f"wf_{stem}.safetensors"))
         assert "does not exist" not in log, log  # the prompt's embedding:wf_<stem> was found
+
+
+# --- compare: Benchmark Sampling and Compare Models in a real ComfyUI ---------------------------------------
+@pytest.fixture(scope="module")
+def metric_models(comfy) -> dict:
+    """Tiny random CLIP, DINO and LPIPS folders in models/metrics, picked in Compare Models' dropdowns."""
+    from trainers.testing.toy_lpips import save_toy_lpips
+    from trainers.testing.toy_metrics import save_toy_clip, save_toy_dino
+
+    folder = comfy.model_folder("metrics")
+    save_toy_clip(os.path.join(folder, "clip-vit-base-patch32"))
+    save_toy_dino(os.path.join(folder, "dino-vits16"))
+    save_toy_lpips(os.path.join(folder, "lpips-alex"))
+    return {"clip_model": "clip-vit-base-patch32", "dino_model": "dino-vits16", "lpips_model": "lpips-alex"}
+
+
+def test_benchmark_and_compare_base_against_a_lora_in_one_prompt(comfy, photos, locon_te_lora, metric_models):
+    """Base and LoRA sampled by Benchmark Sampling with the same seed, decoded, and scored by Compare Models."""
+    bench = dict(seed=5, steps=2, cfg=5.0, sampler_name="euler", scheduler="normal", images=2, warmup=1)
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                     "lora_name": locon_te_lora["name"],
+                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of sks ball"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "a photo of sks ball"}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "7": {"class_type": "PersonalizeBenchmarkSampling", "inputs": {
+            "model": ["1", 0], "positive": ["3", 0], "negative": ["5", 0], "latent": ["6", 0], "label": "base",
+            "model_file": CKPT, **bench}},
+        "8": {"class_type": "PersonalizeBenchmarkSampling", "inputs": {
+            "model": ["2", 0], "positive": ["4", 0], "negative": ["5", 0], "latent": ["6", 0], "label": "lora",
+            "model_file": locon_te_lora["name"], **bench}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "LoadImage", "inputs": {"image": "compare_photo.png"}},
+        "12": {"class_type": "PersonalizeCompareModels", "inputs": {
+            "images_a": ["9", 0], "label_a": "base", "images_b": ["10", 0], "label_b": "lora",
+            "cost_a": ["7", 1], "cost_b": ["8", 1], "subject_photos": ["11", 0], "prompts": "a photo of sks ball",
+            "identifier": "sks", "class_noun": "ball", "name": "it_compare", **metric_models}},
+        "13": {"class_type": "PreviewImage", "inputs": {"images": ["12", 2]}},
+    }
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 80, 40)).save(os.path.join(comfy.input_dir, "compare_photo.png"))
+    entry, log, seconds = run_prompt(comfy, prompt)
+    print(f"\nbenchmark x2 + compare: {seconds:.1f} s")
+    assert_success(entry, log)
+    assert lora_keys_not_loaded(log) == [], log
+    table = entry["outputs"]["12"]["text"][0]  # the node's ui text
+    header = table.splitlines()[0]
+    assert header.startswith("| model | DINO | CLIP-I | CLIP-T | DIV |") and "s/image" in header, table
+    assert "parameters" in header and "file MB" in header, table
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines()[2:] if line.startswith("| ")}
+    assert set(rows) >= {"base", "lora"} and "-" not in rows["lora"].split(" | ")[1:6], table
+    reports = glob.glob(os.path.join(comfy.output_dir, "personalize", "compare", "it_compare*", "report.json"))
+    data = json.load(open(reports[0]))
+    assert data["models"]["lora"]["DINO"]["backbone"] == "dino-vits16"
+    assert data["models"]["lora"]["s/image"] > 0 and data["models"]["lora"]["parameters"] > 0
+    assert entry["outputs"]["13"]["images"]

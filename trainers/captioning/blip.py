@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
-from ..core import host, path_policy
+from ..core import host, model_source
 from ..core.dtypes import DTYPES
 from ..data.images import shrink
 
@@ -25,7 +24,6 @@ log = logging.getLogger(__name__)
 
 BLIP_FOLDER = "blip"
 _MODEL_MARKERS = ("config.json",)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 SHARED_CROSS_CACHE = True  # see _beam_cache; False gives transformers' own beam-search cache
 REDUCED_DECODE = True  # see decode_side; False hands BLIP full-size images (bench/bench_caption.py --memory)
@@ -65,46 +63,18 @@ def list_blip_models() -> list[str]:
     return host.list_models(BLIP_FOLDER, extensions=(), include_dirs=True, dir_markers=_MODEL_MARKERS)
 
 
+BLIP = model_source.FolderModel(BLIP_FOLDER, "BLIP model", "config.json, model.safetensors and the "
+                                 "processor/tokenizer files", "Salesforce/blip-image-captioning-base", CaptionError)
+
+
 def _where_to_put_it() -> str:
-    return (f"Download a BLIP model folder (for example Salesforce/blip-image-captioning-base: config.json, "
-            f"model.safetensors and the processor/tokenizer files) into {' or '.join(blip_dirs())}")
+    return BLIP.where_to_put_it()
 
 
 def resolve_source(name_or_path: str) -> tuple[str, bool]:
-    """(folder path or hub id, is_local): a local folder first, a hub id only as typed.
-
-    In the server a typed path must be inside ComfyUI's folders and a hub id is used only when
-    the owner allowed downloads (path_policy); the command line may name any folder.
-    """
-    name = (name_or_path or "").strip()
-    if not name:
-        raise CaptionError(f"No BLIP model was chosen. {_where_to_put_it()}, or type a hub id.")
-    name = os.path.expanduser(name)
-    local_tool = not path_policy.server_rules()
-    if os.path.isabs(name):
-        path = name if local_tool else path_policy.node_path(name, "BLIP model folder")
-    else:
-        try:
-            path = host.resolve_model(BLIP_FOLDER, name)
-        except FileNotFoundError:
-            if local_tool and os.path.isdir(name):  # a relative path typed on the command line
-                path = os.path.abspath(name)
-            elif _HUB_ID.match(name):
-                if not path_policy.hub_allowed():
-                    raise CaptionError(path_policy.hub_refusal(name)) from None
-                return name, False
-            else:
-                raise CaptionError(f"BLIP model '{name}' was not found. {_where_to_put_it()}, "
-                                   f"or type a hub id such as Salesforce/blip-image-captioning-base.") from None
-    if not os.path.exists(path):
-        raise CaptionError(f"BLIP model folder '{path}' does not exist. {_where_to_put_it()}.")
-    if not os.path.isdir(path):
-        raise CaptionError(f"'{path}' is not a model folder: BLIP needs the whole folder (config.json, weights, "
-                           f"processor and tokenizer files). {_where_to_put_it()}.")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise CaptionError(f"'{path}' has no config.json, so it is not a transformers model folder. "
-                           f"{_where_to_put_it()}.")
-    return path, True
+    """(folder path or hub id, is_local): a local folder first, a hub id only as typed (core/model_source.py)."""
+    host.register_model_folder(BLIP_FOLDER)
+    return model_source.resolve(BLIP, name_or_path)
 
 
 def resolve_device(device=None) -> torch.device:
@@ -142,7 +112,6 @@ def load_blip(name_or_path: str, device=None, dtype=None) -> BlipCaptioner:
 
 
 def _load(source: str, local: bool, device: torch.device, dtype: torch.dtype) -> BlipCaptioner:
-    import transformers
     from transformers import AutoConfig, AutoProcessor
 
     def failed(what, e):
@@ -167,8 +136,7 @@ def _load(source: str, local: bool, device: torch.device, dtype: torch.dtype) ->
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=local)
         # Cast while loading, so modules a model keeps in fp32 (BLIP-2's Q-Former) stay so.
-        dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        model = model_class.from_pretrained(source, local_files_only=local, **{dtype_arg: dtype})
+        model = model_class.from_pretrained(source, local_files_only=local, **model_source.dtype_kwarg(dtype))
     except (OSError, ValueError) as e:
         raise failed("model", e) from e
     model.eval().requires_grad_(False)

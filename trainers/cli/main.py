@@ -4,6 +4,8 @@
     accelerate launch --num_processes 2 -m trainers train --config run.json
     python -m trainers demo
     python -m trainers build-dataset photos/ --name my_dog --mode buckets
+    python -m trainers compare --model base=out/base --model lora=out/lora --photos photos/ --prompts p.txt \
+        --class-noun dog
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ from ..core import host
 from ..core.config import ConfigError
 from .build_dataset import add_build_command
 from .caption import add_caption_command
+from .compare import add_compare_command
 from .demo import add_demo_command
 from .train import add_train_command
 
-COMMANDS = (add_train_command, add_demo_command, add_caption_command, add_build_command)  # one module each
+COMMANDS = (add_train_command, add_demo_command, add_caption_command, add_build_command, add_compare_command)  # one module each
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -316,3 +316,23 @@ class ManagedModule:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def sampler_choices() -> tuple[list[str], list[str]]:
+    """ComfyUI's sampler and scheduler names (KSampler's lists); a minimal pair outside ComfyUI."""
+    try:
+        import comfy.samplers  # type: ignore
+        return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
+    except Exception:
+        return ["euler"], ["normal"]
+
+
+def sample_latents(model, positive, negative, latent: dict, *, seed: int, steps: int, cfg: float,
+                   sampler_name: str, scheduler: str):
+    """Denoise `latent` with ComfyUI's own sampling, as its KSampler node does (inside ComfyUI only)."""
+    import comfy.sample  # type: ignore
+
+    image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(image, seed, latent.get("batch_index"))
+    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, image,
+                               disable_pbar=True, seed=seed)

@@ -1,0 +1,144 @@
+"""Compare Models: DreamBench scores of labelled image batches (base, LoRA, DreamBooth...) made by ComfyUI's own
+samplers with the same prompts and seeds, as a table, bar charts and a labelled grid; and Unload Metric Models.
+
+The engine (trainers/evaluate/) is imported inside the functions, so loading the pack stays cheap.
+"""
+from __future__ import annotations
+
+from ..trainers.core import host
+from .benchmark import COST
+
+CATEGORY = "Personalize/compare"
+NONE = "(none)"
+MODELS = 4  # labelled image inputs: two required, the rest optional
+_LETTERS = "abcdef"[:MODELS]
+
+
+def _backbone_choices(default: str) -> tuple[list[str], dict]:
+    from ..trainers.evaluate.backbones import list_metric_models
+
+    names = list_metric_models()
+    return names + [NONE], {"default": default if default in names else NONE}
+
+
+def _backbone_input(kind: str, what: str) -> tuple:
+    from ..trainers.evaluate.backbones import DEFAULTS
+
+    choices, options = _backbone_choices(DEFAULTS[kind])
+    return (choices, {**options, "tooltip": f"{what} Folder under models/metrics in Hugging Face layout; "
+                                            f"{NONE}: skip these scores."})
+
+
+def _model_inputs(letter: str, label: str, required: bool) -> dict:
+    which = "" if required else " (optional)"
+    return {f"images_{letter}": ("IMAGE", {"tooltip": f"A model's images{which}: for each prompt in order, the "
+                                                      f"same number of images, with the same seeds as the others."}),
+            f"label_{letter}": ("STRING", {"default": label, "tooltip": "The model's name in the table."})}
+
+
+class CompareModels:
+    DESCRIPTION = ("Score two or more models on the same prompts with the DreamBench metrics: DINO and CLIP-I "
+                   "(likeness to the subject photos), CLIP-T (likeness to the prompt, the identifier read as the "
+                   "class noun), DIV (variety among one prompt's images) and PRES (class-prompt images that still "
+                   "look like the subject: lower is better). Writes report.md/.json/.csv and the pictures to "
+                   "output/personalize/compare/<name>/.")
+    CATEGORY = CATEGORY
+    FUNCTION = "compare"
+    RETURN_TYPES = ("STRING", "IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("table", "charts", "grid", "folder")
+    OUTPUT_TOOLTIPS = ("The scores as a markdown table.", "One bar chart per metric.",
+                       "Rows: prompts; columns: models (each prompt's first image).", "Where the report was written.")
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required = {**_model_inputs("a", "base", True), **_model_inputs("b", "tuned", True)}
+        optional = {}
+        for letter in _LETTERS[2:]:
+            optional.update(_model_inputs(letter, f"model {letter}", False))
+        for letter in _LETTERS:
+            optional[f"cost_{letter}"] = (COST, {"tooltip": f"Optional: Benchmark Sampling's measurement of model "
+                                                            f"{letter}, added to its row."})
+        return {
+            "required": {
+                **required,
+                "subject_photos": ("IMAGE", {"tooltip": "The real photos of the subject (e.g. the training "
+                                                        "photos, or held-out ones)."}),
+                "prompts": ("STRING", {"multiline": True, "default": "a photo of sks dog on the beach\n"
+                                                                     "a photo of a dog",
+                                       "tooltip": "One prompt per line, in the order the images were made. "
+                                                  "Lines with the identifier score the subject; lines without "
+                                                  "it (e.g. 'a photo of a dog') score PRES."}),
+                "identifier": ("STRING", {"default": "sks", "tooltip": "The trigger word the models learnt."}),
+                "class_noun": ("STRING", {"default": "dog", "tooltip": "The subject's class (dog, man, backpack)."}),
+                "clip_model": _backbone_input("clip", "CLIP for CLIP-I and CLIP-T (the papers: "
+                                                      "openai/clip-vit-base-patch32)."),
+                "dino_model": _backbone_input("dino", "DINO for DINO and PRES (the papers: facebook/dino-vits16)."),
+                "lpips_model": _backbone_input("lpips", "LPIPS (AlexNet) for DIV: alexnet weights and the lpips "
+                                                        "package's alex.pth."),
+                "name": ("STRING", {"default": "compare", "tooltip": "Report folder name (never overwritten: "
+                                                                     "_2, _3... are added)."}),
+            },
+            "optional": optional,
+        }
+
+    def compare(self, subject_photos, prompts, identifier, class_noun, clip_model, dino_model, lpips_model, name,
+                **inputs):
+        from ..trainers.evaluate import backbones, charts, compare
+        from .convert import image_to_pil, pil_to_image
+
+        models = [compare.ModelImages(inputs.get(f"label_{x}") or x, image_to_pil(inputs[f"images_{x}"]))
+                  for x in _LETTERS if inputs.get(f"images_{x}") is not None]
+        labels = [m.label for m in models]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"Two models have the same label ({', '.join(labels)}): give each its own.")
+        lines = [p.strip() for p in prompts.splitlines() if p.strip()]
+        chosen = {"clip": clip_model, "dino": dino_model, "lpips": lpips_model}
+        loaded = {k: backbones.load_backbone(k, v) for k, v in chosen.items() if v and v != NONE}
+        bar = host.Progress(len(models))
+
+        def progress(done, total):
+            bar.update(done, text=f"scored {done}/{total} models")
+            host.check_interrupt()
+
+        report = compare.compare(models, lines, image_to_pil(subject_photos), identifier=identifier,
+                                 class_noun=class_noun, progress=progress, **loaded)
+        for x in _LETTERS:  # inference cost joins the row of the model it was measured on
+            cost = inputs.get(f"cost_{x}")
+            if isinstance(cost, dict) and inputs.get(f"images_{x}") is not None:
+                report.extra[inputs.get(f"label_{x}") or x] = dict(cost.get("columns", {}))
+        folder, pictures, grid = compare.publish(report, models, name)
+        table = report.markdown()
+        chart_batch = pil_to_image(list(pictures.values())) if pictures else pil_to_image(
+            [charts.bar_chart("no metric", {})])
+        return {"ui": {"text": [table]}, "result": (table, chart_batch, pil_to_image(grid), folder)}
+
+
+class UnloadMetricModels:
+    DESCRIPTION = "Free the CLIP, DINO and LPIPS models of Compare Models (they otherwise stay loaded between runs)."
+    CATEGORY = CATEGORY
+    FUNCTION = "unload"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("status",)
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {},
+                "optional": {"after": ("STRING", {"forceInput": True,
+                                                  "tooltip": "Connect Compare Models' table to unload after it."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kw):
+        return float("nan")
+
+    def unload(self, after=None):
+        from ..trainers.evaluate import backbones
+
+        status = "Metric models unloaded." if backbones.unload() else "No metric model was loaded."
+        return {"ui": {"text": [status]}, "result": (status,)}
+
+
+NODE_CLASS_MAPPINGS = {"PersonalizeCompareModels": CompareModels, "PersonalizeUnloadMetricModels": UnloadMetricModels}
+NODE_DISPLAY_NAME_MAPPINGS = {"PersonalizeCompareModels": "Compare Models (Personalize)",
+                              "PersonalizeUnloadMetricModels": "Unload Metric Models (Personalize)"}
