@@ -33,7 +33,7 @@ import uuid
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_FOLDER = "ComfyUI-Personalize"
 # Model folders the temporary YAML points at; tests drop files into these.
-MODEL_FOLDERS = ("checkpoints", "loras", "embeddings", "vae", "clip", "diffusers", "blip")
+MODEL_FOLDERS = ("checkpoints", "loras", "embeddings", "vae", "clip", "diffusers", "blip", "metrics")
 
 
 class ComfyError(RuntimeError):

@@ -494,6 +494,7 @@ def test_benchmark_and_compare_base_against_a_lora_in_one_prompt(comfy, photos, 
     Image.new("RGB", (64, 64), (200, 80, 40)).save(os.path.join(comfy.input_dir, "compare_photo.png"))
     entry, log, seconds = run_prompt(comfy, prompt)
     print(f"\nbenchmark x2 + compare: {seconds:.1f} s")
+    print(entry["outputs"]["12"]["text"][0])
     assert_success(entry, log)
     assert lora_keys_not_loaded(log) == [], log
     table = entry["outputs"]["12"]["text"][0]  # the node's ui text
