@@ -14,19 +14,21 @@ MODELS = 4  # labelled image inputs: two required, the rest optional
 _LETTERS = "abcdef"[:MODELS]
 
 
-def _backbone_choices(default: str) -> tuple[list[str], dict]:
-    from ..trainers.evaluate.backbones import list_metric_models
+def _backbone_choices(kind: str) -> tuple[list[str], dict]:
+    """The folders under models/metrics, the papers' hub id when the server owner allows downloads, and (none)."""
+    from ..trainers.core import path_policy
+    from ..trainers.evaluate.backbones import DEFAULTS, HUB_IDS, list_metric_models
 
     names = list_metric_models()
-    return names + [NONE], {"default": default if default in names else NONE}
+    hub = [HUB_IDS[kind]] if kind in HUB_IDS and path_policy.hub_allowed() else []
+    default = DEFAULTS[kind] if DEFAULTS[kind] in names else (hub or [NONE])[0]
+    return names + hub + [NONE], {"default": default}
 
 
 def _backbone_input(kind: str, what: str) -> tuple:
-    from ..trainers.evaluate.backbones import DEFAULTS
-
-    choices, options = _backbone_choices(DEFAULTS[kind])
-    return (choices, {**options, "tooltip": f"{what} Folder under models/metrics in Hugging Face layout; "
-                                            f"{NONE}: skip these scores."})
+    choices, options = _backbone_choices(kind)
+    return (choices, {**options, "tooltip": f"{what} Folder under models/metrics in Hugging Face layout (or the hub "
+                                            f"id, listed when downloads are allowed); {NONE}: skip these scores."})
 
 
 def _model_inputs(letter: str, label: str, required: bool) -> dict:
@@ -62,8 +64,6 @@ class CompareModels:
         return {
             "required": {
                 **required,
-                "subject_photos": ("IMAGE", {"tooltip": "The real photos of the subject (e.g. the training "
-                                                        "photos, or held-out ones)."}),
                 "prompts": ("STRING", {"multiline": True, "default": "a photo of sks dog on the beach\n"
                                                                      "a photo of a dog",
                                        "tooltip": "One prompt per line, in the order the images were made. "
@@ -79,11 +79,18 @@ class CompareModels:
                 "name": ("STRING", {"default": "compare", "tooltip": "Report folder name (never overwritten: "
                                                                      "_2, _3... are added)."}),
             },
-            "optional": optional,
+            "optional": {
+                "subject_photos": ("IMAGE", {"tooltip": "The real photos of the subject (e.g. the training "
+                                                        "photos, or held-out ones), as an IMAGE batch..."}),
+                "subject_folder": ("STRING", {"default": "", "tooltip": "...or a folder of them (e.g. the training "
+                                                                        "photos' folder, inside ComfyUI's input "
+                                                                        "folder). Both: all are used."}),
+                **optional,
+            },
         }
 
-    def compare(self, subject_photos, prompts, identifier, class_noun, clip_model, dino_model, lpips_model, name,
-                **inputs):
+    def compare(self, prompts, identifier, class_noun, clip_model, dino_model, lpips_model, name,
+                subject_photos=None, subject_folder="", **inputs):
         from ..trainers.evaluate import backbones, charts, compare
         from .convert import image_to_pil, pil_to_image
 
@@ -101,7 +108,8 @@ class CompareModels:
             bar.update(done, text=f"scored {done}/{total} models")
             host.check_interrupt()
 
-        report = compare.compare(models, lines, image_to_pil(subject_photos), identifier=identifier,
+        photos = _subject_photos(subject_photos, subject_folder)
+        report = compare.compare(models, lines, photos, identifier=identifier,
                                  class_noun=class_noun, progress=progress, **loaded)
         for x in _LETTERS:  # inference cost joins the row of the model it was measured on
             cost = inputs.get(f"cost_{x}")
@@ -112,6 +120,23 @@ class CompareModels:
         chart_batch = pil_to_image(list(pictures.values())) if pictures else pil_to_image(
             [charts.bar_chart("no metric", {})])
         return {"ui": {"text": [table]}, "result": (table, chart_batch, pil_to_image(grid), folder)}
+
+
+def _subject_photos(batch, folder: str) -> list:
+    from ..trainers.data.images import list_images
+    from .convert import image_to_pil
+    from .paths import node_folder
+
+    photos = image_to_pil(batch) if batch is not None else []
+    if folder.strip():
+        from PIL import Image
+
+        paths, _ = list_images(node_folder(folder.strip(), "Subject photos folder"))
+        photos += [Image.open(p).convert("RGB") for p in paths]
+    if not photos:
+        raise ValueError("No subject photos: connect an IMAGE batch to subject_photos or name their folder in "
+                         "subject_folder (inside ComfyUI's input folder).")
+    return photos
 
 
 class UnloadMetricModels:

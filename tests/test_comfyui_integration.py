@@ -405,7 +405,7 @@ def tiny_blip(comfy) -> str:
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "workflows", "*.json"))), ids=os.path.basename)
-def test_shipped_workflow_runs(comfy, photos, tiny_blip, path):
+def test_shipped_workflow_runs(comfy, photos, tiny_blip, locon_te_lora, metric_models, path):
     with open(path, encoding="utf-8") as f:
         prompt = ui_to_api(json.load(f), comfy.object_info())
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -425,6 +425,12 @@ def test_shipped_workflow_runs(comfy, photos, tiny_blip, path):
             inputs.update(width=64, height=64, batch_size=1)
         if kind in ("KSampler", "KSamplerAdvanced"):
             inputs["steps"] = 2
+        if kind == "LoraLoader":
+            inputs["lora_name"] = locon_te_lora["name"]
+        if kind == "PersonalizeBenchmarkSampling":
+            inputs.update(steps=2, images=1, model_file=locon_te_lora["name"] if inputs["model_file"] else "")
+        if kind == "PersonalizeCompareModels":
+            inputs.update(subject_folder=photos, **metric_models)
         if "hub_id" in inputs:  # BLIP nodes: a local tiny model instead of a download
             inputs.update(model=tiny_blip, hub_id="")
         if kind.startswith("PersonalizeBlipCaptionFolder") or (kind == "PersonalizeBuildDataset"

@@ -187,6 +187,16 @@ def test_compare_node_scores_image_batches_and_writes_the_report(env):
     assert charts.shape == (5, 256, 512, 3) and grid.shape[0] == 1
     assert sorted(os.listdir(folder)) == sorted(["report.json", "report.csv", "report.md", "grid.png"] +
                                                 [f"chart_{m}.png" for m in compare.METRICS])
+    photos = env / "photos"
+    photos.mkdir()
+    picture(11, (64, 64)).save(photos / "a.png")
+    out = node().compare(subject_folder=str(photos), prompts="a sks dog", identifier="sks", class_noun="dog",
+                         clip_model="(none)", dino_model="dino-vits16", lpips_model="(none)", name="folder",
+                         images_a=batch(3), label_a="base", images_b=batch(4), label_b="lora")
+    assert "| base |" in out["result"][0]
+    with pytest.raises(ValueError, match="No subject photos"):
+        node().compare(prompts="a sks dog", identifier="sks", class_noun="dog", clip_model="(none)",
+                       dino_model="dino-vits16", lpips_model="(none)", name="x", images_a=batch(3), images_b=batch(4))
     with pytest.raises(ValueError, match="same label"):
         node().compare(subject_photos=batch(1), prompts="a sks dog", identifier="sks", class_noun="dog",
                        clip_model="(none)", dino_model="dino-vits16", lpips_model="(none)", name="x",
@@ -210,3 +220,15 @@ def test_compare_command_scores_image_folders(env, metric_models, tmp_path, caps
     assert out.splitlines()[0] == "| model | DINO | CLIP-I | CLIP-T | DIV | PRES |"
     assert os.path.isfile(tmp_path / "out" / "personalize" / "compare" / "cli" / "report.json")
     assert main(["compare", "--model", "nolabel", "--photos", "x", "--prompts", "y", "--class-noun", "dog"]) == 2
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_the_papers_hub_ids_are_offered_only_when_downloads_are_allowed(env, monkeypatch, allowed):
+    from pack_loader import load_pack
+
+    node = load_pack().NODE_CLASS_MAPPINGS["PersonalizeCompareModels"]
+    monkeypatch.setattr(sys.modules[f"{PACK}.trainers.core.path_policy"], "hub_allowed", lambda: allowed)
+    choices = node.INPUT_TYPES()["required"]["dino_model"][0]
+    assert ("facebook/dino-vits16" in choices) is allowed
+    assert "openai/clip-vit-base-patch32" in node.INPUT_TYPES()["required"]["clip_model"][0] if allowed else True
+    assert not any("/" in c for c in node.INPUT_TYPES()["required"]["lpips_model"][0])  # LPIPS is not on the hub

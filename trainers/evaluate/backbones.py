@@ -20,12 +20,13 @@ log = logging.getLogger("personalize")
 
 METRICS_FOLDER = "metrics"
 DEFAULTS = {"clip": "clip-vit-base-patch32", "dino": "dino-vits16", "lpips": "lpips-alex"}
+HUB_IDS = {"clip": "openai/clip-vit-base-patch32", "dino": "facebook/dino-vits16"}  # the papers' choices
 KINDS = {
     "clip": model_source.FolderModel(METRICS_FOLDER, "CLIP model", "config.json, the weights, "
                                      "preprocessor_config.json and the tokenizer files",
-                                     "openai/clip-vit-base-patch32", BackboneError),
+                                     HUB_IDS["clip"], BackboneError),
     "dino": model_source.FolderModel(METRICS_FOLDER, "DINO model", "config.json, the weights and "
-                                     "preprocessor_config.json", "facebook/dino-vits16", BackboneError),
+                                     "preprocessor_config.json", HUB_IDS["dino"], BackboneError),
     "lpips": model_source.FolderModel(METRICS_FOLDER, "LPIPS model", "alexnet.safetensors or torchvision's "
                                       "alexnet-owt-7be5be79.pth renamed alexnet.pth, and the lpips package's "
                                       "weights/v0.1/alex.pth", "(none: LPIPS is not on the hub)", BackboneError),
