@@ -1,4 +1,5 @@
 """DreamBooth and DreamBooth+LoRA on the tiny SD1.x model: prior preservation, class images, the checkpoint file."""
+import math
 import os
 
 import pytest
@@ -218,13 +219,27 @@ def test_loss_curve_shows_the_instance_and_prior_loss(env, fresh):
     assert all(has(split, c) for c in _SERIES_COLOURS[:2]) and not any(has(plain, c) for c in _SERIES_COLOURS[:2])
 
 
-def test_a_bucketed_dataset_is_refused_before_any_class_image_is_made(env, fresh, sampled, tmp_path):
+def test_a_bucketed_dataset_joins_class_latents_of_each_batchs_size(env, fresh, sampled, tmp_path, monkeypatch):
     from test_dataset_build import _bucket_folder, build
 
     dataset = build(_bucket_folder(tmp_path / "src"), settings={"mode": "buckets", "bucket_step": 16})
-    with pytest.raises(ValueError, match=r"64x64, but the dataset has images of 48x80, 80x48.*center crop"):
-        train(db_cfg(env, dataset=dataset.path, trigger_word="", resolution=64), components=fresh())
-    assert sampled == [] and class_folders(env) == []
+    seen = []
+    real = objective.diffusion_loss
+
+    def spy(cfg, unet, family, scheduler, alphas, latents, cond, batch, gen, device):
+        seen.append((tuple(latents.shape), [it.path for it in batch.items[len(batch.items) // 2:]]))
+        return real(cfg, unet, family, scheduler, alphas, latents, cond, batch, gen, device)
+
+    monkeypatch.setattr(objective, "diffusion_loss", spy)
+    result = train(db_cfg(env, dataset=dataset.path, trigger_word="", resolution=64, steps=8, batch_size=1),
+                   components=fresh())
+    assert sampled == [[42, 43, 44]]  # made once, square; each is also fitted to the other buckets
+    (folder,) = class_folders(env)
+    shapes = {shape[-2:] for shape, _ in seen}
+    assert shapes >= {(10, 6), (6, 10)}, shapes  # 80x48 and 48x80 batches...
+    for shape, class_paths in seen:  # ...each with its class half at its own size, from the generated set
+        assert shape[0] == 2 and all(os.path.dirname(p) == str(folder) for p in class_paths)
+    assert all(math.isfinite(r["prior_loss"]) for r in result.log)
 
 
 def test_without_a_class_prompt_dreambooth_is_plain_fine_tuning(env, fresh, sampled):

@@ -124,6 +124,14 @@ class LatentCache:
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
         return mean + std * noise
 
+    def indices_by_size(self) -> dict[tuple[int, int], list[int]]:
+        """Item indices by the (height, width) of the latents `sample` gives them."""
+        groups = {}
+        for i, mean in enumerate(self.means):
+            size = tuple(mean.shape[-2:]) if self.whole[i] else (self.size, self.size)
+            groups.setdefault(size, []).append(i)
+        return groups
+
     def sample_batch(self, indices, generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents [B, C, r/f, r/f] for the given items."""
         return torch.stack([self.sample(i, generator) for i in indices])

@@ -3,6 +3,8 @@ saved like a LoRA), both with class-prior preservation: each batch joins the ins
 images, and the loss is instance MSE + prior_loss_weight x class MSE (diffusers' train_dreambooth.py)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..core.modelspec import modelspec
@@ -21,15 +23,15 @@ class PriorPreservation:
         return bool(self.cfg.class_prompt.strip())
 
     def streams(self, items, comps, accelerator, device) -> dict:
+        """The class images, made (or read) square at the training resolution. A bucketed dataset's batches hold
+        one bucket each, so every class image is also prepared at each bucket size (cropped to its aspect,
+        scaled to fill it): a batch then joins class latents of its own size."""
         if not self.preserves_prior:
             return {}
         square = (self.cfg.resolution, self.cfg.resolution)
         sizes = sorted({tuple(it.bucket) for it in items if it.bucket and tuple(it.bucket) != square})
-        if sizes:  # found before any class image is made
-            raise ValueError(f"Prior preservation needs the photos at the class images' size, {square[0]}x{square[1]}, "
-                             f"but the dataset has images of {', '.join(f'{w}x{h}' for w, h in sizes)} (buckets). "
-                             f"Build the dataset with 'center crop' or 'pad', or leave class_prompt empty.")
-        return {"class": class_images.class_items(self.cfg, comps, accelerator, device)}
+        class_items = class_images.class_items(self.cfg, comps, accelerator, device)
+        return {"class": class_items + [replace(it, bucket=size) for size in sizes for it in class_items]}
 
     def batch(self, step, micro, gen, data) -> Batch:
         batch = super().batch(step, micro, gen, data)
@@ -38,13 +40,16 @@ class PriorPreservation:
         if not self.preserves_prior:
             return batch
         items, latents = data.streams["class"]
+        same_size = latents.indices_by_size()[tuple(batch.latents.shape[-2:])]
         n = len(batch.texts)
-        # As many class images as instance ones, drawn from this step's generator (so a resume repeats them).
-        picks = torch.randint(len(items), (n,), generator=gen).tolist()
+        # As many class images as instance ones, of the batch's size, drawn from this step's generator (so a
+        # resume repeats them).
+        picks = [same_size[i] for i in torch.randint(len(same_size), (n,), generator=gen).tolist()]
         class_latents = torch.stack([latents.sample(i, gen) for i in picks])
         weights = torch.tensor([1.0] * n + [self.cfg.prior_loss_weight] * n)
-        return Batch(latents=torch.cat([batch.latents, class_latents]), texts=batch.texts + [items[i].caption for i in picks],
-                     weights=weights, items=batch.items + [items[i] for i in picks])
+        return Batch(latents=torch.cat([batch.latents, class_latents]),
+                     texts=batch.texts + [items[i].caption for i in picks], weights=weights,
+                     items=batch.items + [items[i] for i in picks])
 
     def loss(self, per_sample, batch) -> torch.Tensor:
         """instance mean + prior_loss_weight x class mean (the class part is the batch's second half)."""

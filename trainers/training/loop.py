@@ -82,8 +82,10 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
         # Encode every image once: the loop never runs the VAE.
         latents = caches.LatentCache.build(items, comps.vae.to(device), cfg.resolution, crop=cfg.crop, flip=cfg.flip,
                                             device=device, rescaled=bool(scaled))
+        # A stream's items get their bucket from the method (e.g. class images at each bucket size), not from the
+        # dataset builder: fitted to it without a warning.
         stream_data = {name: (its, caches.LatentCache.build(its, comps.vae, cfg.resolution, crop=cfg.crop,
-                                                            flip=cfg.flip, device=device))
+                                                            flip=cfg.flip, device=device, rescaled=True))
                        for name, its in streams.items()}
     comps.vae.to("cpu")
     with torch.random.fork_rng(devices=[]):
