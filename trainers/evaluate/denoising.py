@@ -11,6 +11,7 @@ def denoising_loss(comps, latents: torch.Tensor, texts: list[str], *, seed: int 
     """Mean epsilon-prediction error of `comps.unet` on these latents and captions, with fixed noise
     and timesteps, so two models (base vs trained) are compared on identical draws."""
     from ..families.registry import get_family
+    from ..methods.base import Batch
 
     family = get_family(comps.family)
     scheduler = comps.noise_scheduler()
@@ -22,6 +23,7 @@ def denoising_loss(comps, latents: torch.Tensor, texts: list[str], *, seed: int 
         noise = torch.randn(latents.shape, generator=gen)
         tt = torch.full((latents.shape[0],), t, dtype=torch.long)
         noisy = scheduler.add_noise(latents, noise, tt)
-        pred = comps.unet(noisy.to(device), tt.to(device), **family.unet_kwargs(cond)).sample
+        batch = Batch(latents=noisy, texts=texts, items=[None] * len(texts))  # no source geometry: uncropped
+        pred = comps.unet(noisy.to(device), tt.to(device), **family.unet_kwargs(cond, batch)).sample
         total += F.mse_loss(pred.float().cpu(), noise).item()
     return total / len(timesteps)

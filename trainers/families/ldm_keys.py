@@ -1,4 +1,5 @@
-"""Names of SD1.x weights in diffusers and in the original LDM (CompVis) single-file layout.
+"""Names of SD1.x and SDXL UNet and VAE weights in diffusers and in the original LDM (CompVis / SGM) single-file
+layout (SDXL's text encoders: sdxl_text_keys.py).
 
 Single-file checkpoints (what ComfyUI's CheckpointLoaderSimple reads) keep the UNet under
 `model.diffusion_model.`, the VAE under `first_stage_model.` and the CLIP text encoder under
@@ -51,19 +52,25 @@ def _unet_layout(config) -> tuple:
     if bad or mid not in _MID_TYPES or len(down) != len(up):
         raise KeyMapError(f"UNet blocks {down} / {mid} / {up} are not an SD1.x layout: "
                           f"supported are {_DOWN_TYPES}, {_UP_TYPES} and mid {_MID_TYPES}.")
-    for field in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type"):
+    for field in ("class_embed_type", "encoder_hid_dim_type"):
         if config.get(field) is not None:
-            raise KeyMapError(f"UNet config has {field}={config[field]!r}; SD1.x UNets have none.")
-    return down, up, mid, tuple(_per_level(config["layers_per_block"], len(down)))
+            raise KeyMapError(f"UNet config has {field}={config[field]!r}; SD1.x and SDXL UNets have none.")
+    addition = config.get("addition_embed_type")
+    if addition not in (None, "text_time"):  # SDXL: pooled text and size ids, LDM's label_emb
+        raise KeyMapError(f"UNet config has addition_embed_type={addition!r}; only SDXL's 'text_time' maps.")
+    return down, up, mid, tuple(_per_level(config["layers_per_block"], len(down))), addition is not None
 
 
 @functools.lru_cache(maxsize=32)
 def _unet_prefixes(layout: tuple) -> dict[str, tuple[str, dict | None]]:
     """diffusers module -> (LDM module, renames of its children)."""
-    down, up, mid, layers = layout
+    down, up, mid, layers, label_emb = layout
     table = {"conv_in": ("input_blocks.0.0", None), "time_embedding.linear_1": ("time_embed.0", None),
              "time_embedding.linear_2": ("time_embed.2", None), "conv_norm_out": ("out.0", None),
              "conv_out": ("out.2", None)}
+    if label_emb:
+        table.update({"add_embedding.linear_1": ("label_emb.0.0", None),
+                      "add_embedding.linear_2": ("label_emb.0.2", None)})
     n = 1  # input_blocks.0 is conv_in
     for i, kind in enumerate(down):
         for j in range(layers[i]):

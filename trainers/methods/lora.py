@@ -42,7 +42,7 @@ class LoraMethod(TrainingMethod):
         cfg = self.cfg
         dtype = DTYPES[cfg.save_precision]
         tensors = self.network.state_dict(comps.unet, comps.text_encoders if cfg.train_text_encoder else None,
-                                          dtype=dtype)
+                                          dtype=dtype, unet_name=lambda name: family.lora_unet_name(comps.unet, name))
         meta = lora_metadata(cfg, family, comps.info, captions, dataset_dir, steps, started, tensors,
                              self.network.metadata(cfg))
         return Artifact("lora", save_model_file("loras", cfg, "lora", tensors, meta))

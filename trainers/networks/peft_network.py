@@ -60,30 +60,33 @@ class PeftNetwork:
         value = getattr(layer, attr)[ADAPTER]
         return value.weight if isinstance(value, torch.nn.Module) else value
 
-    def _stems(self, unet, text_encoders):
+    def _stems(self, unet, text_encoders, unet_name=None):
         """(file stem, peft layer) of every adapted module. text_encoders: None, one model, or the family's list
-        (all of them, in order: the prefix of each depends on how many there are)."""
+        (all of them, in order: the prefix of each depends on how many there are). unet_name: the family's name of
+        a UNet module in files (SDXL: the SGM name); default the diffusers name, as kohya's SD1.x files have."""
         if text_encoders is None:
             text_encoders = []
         elif not isinstance(text_encoders, (list, tuple)):
             text_encoders = [text_encoders]
         for model, prefix in ((unet, UNET_PREFIX), *zip(text_encoders, te_prefixes(len(text_encoders)))):
             for name, layer in self.layers(model):
+                if unet_name is not None and model is unet:
+                    name = unet_name(name)
                 yield kohya_stem(name, prefix), layer
 
-    def state_dict(self, unet, text_encoders=None, dtype=torch.float16) -> dict:
+    def state_dict(self, unet, text_encoders=None, dtype=torch.float16, unet_name=None) -> dict:
         """The adapters as kohya / LyCORIS tensors: `<stem>.<suffix>` and `<stem>.alpha` as trained."""
         out = {}
-        for stem, layer in self._stems(unet, text_encoders):
+        for stem, layer in self._stems(unet, text_encoders, unet_name):
             for attr, suffix in self.tensors.items():
                 if ADAPTER in getattr(layer, attr):
                     out[f"{stem}.{suffix}"] = self._tensor(layer, attr).detach().to("cpu", dtype)
             out[f"{stem}.alpha"] = torch.tensor(float(self.alpha(layer)))
         return out
 
-    def load(self, state_dict: dict, unet, text_encoders=None) -> list[str]:
+    def load(self, state_dict: dict, unet, text_encoders=None, unet_name=None) -> list[str]:
         """Copy file tensors into adapters already attached to the models; returns the stems it did not use."""
-        layers = dict(self._stems(unet, text_encoders))
+        layers = dict(self._stems(unet, text_encoders, unet_name))
         stems = {k.split(".")[0] for k in state_dict}
         for stem in stems & layers.keys():
             layer = layers[stem]

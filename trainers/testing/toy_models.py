@@ -90,6 +90,56 @@ def build_sd1(size: str = "tiny", seed: int = 0, tokenizer_dir: str | None = Non
                         source=f"toy-sd1-{size}", info={"name": f"toy-sd1-{size}"})
 
 
+# SDXL's layout at toy size: the first level without attention, a deeper transformer on the second, both text
+# encoders (the second with a projection), size and pooled-text conditioning ("text_time").
+SDXL_SIZES = {
+    "tiny": dict(unet=dict(block_out_channels=(32, 64), layers_per_block=1, transformer_layers_per_block=(1, 2),
+                           attention_head_dim=(2, 4), norm_num_groups=8, addition_time_embed_dim=8),
+                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+                 text_2=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             projection_dim=32),
+                 vae=SIZES["tiny"]["vae"]),
+}
+
+
+def build_sdxl(size: str = "tiny", seed: int = 0, tokenizer_dir: str | None = None) -> SDComponents:
+    """Random SDXL-layout components (UNet, VAE, CLIP-L, OpenCLIP-G with projection, both tokenizers)."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    spec = SDXL_SIZES[size]
+    torch.manual_seed(seed)
+    tokenizer_dir = tokenizer_dir or tempfile.mkdtemp(prefix="toy_tokenizer_")
+    if not os.path.isfile(os.path.join(tokenizer_dir, "vocab.json")):
+        write_toy_tokenizer(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!")  # OpenCLIP pads with "!"
+    ids = dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**ids, **spec["text"], hidden_act="quick_gelu",
+                                                pad_token_id=tokenizer.pad_token_id))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **spec["text_2"], hidden_act="gelu",
+                                                                pad_token_id=tokenizer_2.pad_token_id))
+    unet_spec = spec["unet"]
+    width = spec["text"]["hidden_size"] + spec["text_2"]["hidden_size"]
+    # The added embedding takes the six size ids (each embedded in addition_time_embed_dim) and the pooled text.
+    added = 6 * unet_spec["addition_time_embed_dim"] + spec["text_2"]["projection_dim"]
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=width, use_linear_projection=True,
+        addition_embed_type="text_time", projection_class_embeddings_input_dim=added, **unet_spec)
+    nvae = len(spec["vae"]["block_out_channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+                        down_block_types=("DownEncoderBlock2D",) * nvae,
+                        up_block_types=("UpDecoderBlock2D",) * nvae, **spec["vae"])
+    return SDComponents(family="sdxl", unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, source=f"toy-sdxl-{size}",
+                        info={"name": f"toy-sdxl-{size}"})
+
+
 def save_single_file(components: SDComponents, path: str, dtype=None) -> str:
     """An LDM-layout single-file checkpoint (what CheckpointLoaderSimple reads), written atomically.
 
