@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
                                                 init_word=meta["personalize.init_word"], num_vectors=len(vectors)))
     method.setup(comps)
     with torch.no_grad():
-        method.spliced.vectors.copy_(vectors)
+        method.spliced[0].vectors.copy_(vectors)
         ours_emb = family.encode(comps, [method.prompt(PROMPT.format(meta["personalize.token"]))]).states.float()
 
     results["control_rel_err"] = rel(comfy_control, ours_control)  # the same base CLIP on both sides

@@ -92,3 +92,105 @@ def test_a_few_lora_steps_lower_the_denoising_loss_on_the_images(env, fresh_xl):
           components=comps)
     after = denoising_loss(comps, latents, texts)
     assert after < 0.7 * before, (before, after)
+
+
+def _same_model(a, b):
+    texts = ["a photo of sks dog"]
+    ca, cb = SDXL.encode(a, texts), SDXL.encode(b, texts)
+    assert torch.equal(ca.states, cb.states) and torch.equal(ca.pooled, cb.pooled)
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10])
+    batch = FakeBatch(x, [None])
+    outputs = [m.unet(x, t, **SDXL.unet_kwargs(c, batch)).sample for m, c in ((a, ca), (b, cb))]
+    assert torch.equal(*outputs)
+    assert all(torch.equal(p, q) for p, q in zip(a.vae.parameters(), b.vae.parameters()))
+
+
+def test_a_single_file_in_the_sgm_layout_reloads_as_the_same_model(toy_sdxl, toy_tokenizer_dir, tmp_path):
+    from trainers.families.model_loading import load_sd_components
+    from trainers.testing.toy_models import save_single_file
+
+    path = save_single_file(toy_sdxl, str(tmp_path / "xl.safetensors"))
+    with safe_open(path, "pt") as f:
+        keys = set(f.keys())
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys
+    assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in keys
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert not any(k.startswith("cond_stage_model.") for k in keys)
+    loaded = load_sd_components(path, tokenizer_dir=toy_tokenizer_dir)
+    assert loaded.family == "sdxl" and loaded.tokenizer_2.pad_token == "!"
+    _same_model(toy_sdxl, loaded)
+
+
+def test_a_diffusers_sdxl_folder_loads(toy_sdxl, tmp_path):
+    from trainers.families.model_loading import load_sd_components
+    from trainers.testing.toy_models import save_diffusers_folder
+
+    loaded = load_sd_components(save_diffusers_folder(toy_sdxl, str(tmp_path / "xl")))
+    assert loaded.family == "sdxl" and loaded.tokenizer_2.pad_token == "!"
+    _same_model(toy_sdxl, loaded)
+
+
+def test_a_refiner_is_refused_with_what_it_is(toy_sdxl, toy_tokenizer_dir, tmp_path):
+    from trainers.core.safetensors_file import write
+    from trainers.families.load_errors import ModelLoadError
+    from trainers.families.model_loading import load_sd_components
+    from trainers.families.ldm_keys import diffusers_to_ldm
+
+    sd = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v
+          for k, v in diffusers_to_ldm(toy_sdxl).items() if not k.startswith("conditioner.embedders.0.")}
+    path = str(tmp_path / "refiner.safetensors")
+    write(path, sd)
+    with pytest.raises(ModelLoadError, match="refiner"):
+        load_sd_components(path, tokenizer_dir=toy_tokenizer_dir)
+
+
+@pytest.mark.parametrize("with_te", [False, True])
+def test_dreambooth_on_sdxl_saves_an_sgm_checkpoint_that_keeps_untrained_tensors_and_reloads(
+        env, toy_sdxl, toy_tokenizer_dir, tmp_path, with_te):
+    from trainers.core.safetensors_file import read
+    from trainers.families.model_loading import load_sd_components
+    from trainers.testing.toy_models import save_single_file
+
+    base_path = save_single_file(toy_sdxl, str(tmp_path / "base_xl.safetensors"), dtype=torch.float16)
+    comps = load_sd_components(base_path, tokenizer_dir=toy_tokenizer_dir)
+    result = train(cfg_for(env, method="dreambooth", steps=2, unet_lr=1e-3, class_prompt="", output_name="db_xl",
+                           save_precision="fp32", train_text_encoder=with_te, text_encoder_lr=1e-3),
+                   components=comps)
+    saved, _ = read(result.artifact.path)
+    base, _ = read(base_path)
+    assert set(saved) == set(base)
+    trained = ("model.diffusion_model.", "conditioner.") if with_te else ("model.diffusion_model.",)
+    for key, tensor in base.items():
+        if key.startswith(trained):
+            assert saved[key].dtype == torch.float32, key
+        else:  # VAE, and untrained text encoders, bit-exact in the base's own fp16
+            assert saved[key].dtype == tensor.dtype and torch.equal(saved[key], tensor), key
+    changed = [k for k in base if k.startswith("conditioner.") and not torch.equal(saved[k].half(), base[k])]
+    assert bool(changed) == with_te
+    reloaded = load_sd_components(result.artifact.path, tokenizer_dir=toy_tokenizer_dir)
+    assert reloaded.family == "sdxl"
+    assert torch.equal(reloaded.unet.state_dict()["conv_in.weight"], comps.unet.state_dict()["conv_in.weight"])
+
+
+def test_validation_images_and_class_images_sample_through_the_sdxl_pipeline(env, fresh_xl):
+    result = train(cfg_for(env, method="dreambooth_lora", steps=2, class_prompt="a photo of a ball",
+                           num_class_images=2, class_sample_steps=2, validation_prompt="a photo of sks ball",
+                           validation_steps=2, output_name="dbl_xl"), components=fresh_xl())
+    assert result.validation_image is not None and result.validation_image.size == (64, 64)
+    assert all("prior_loss" in r for r in result.log)
+
+
+def test_textual_inversion_trains_a_vector_set_per_encoder_saved_as_clip_l_and_clip_g(env, fresh_xl):
+    from safetensors.torch import load_file
+
+    comps = fresh_xl()
+    base = fresh_xl()
+    result = train(cfg_for(env, method="textual_inversion", init_word="dog", num_vectors=2, steps=3,
+                           embedding_lr=5e-2, output_name="ti_xl"), components=comps)
+    saved = load_file(result.artifact.path)
+    assert set(saved) == {"clip_l", "clip_g"}
+    assert saved["clip_l"].shape == (2, 32) and saved["clip_g"].shape == (2, 32)
+    for encoder, tokenizer, key in zip(base.text_encoders, base.tokenizers, ("clip_l", "clip_g")):
+        ids = tokenizer("dog", add_special_tokens=False).input_ids
+        start = encoder.get_input_embeddings().weight[[ids[i % len(ids)] for i in range(2)]]
+        assert not torch.allclose(saved[key], start), key  # each set trained away from its start

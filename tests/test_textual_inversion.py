@@ -51,7 +51,7 @@ def test_only_the_new_vectors_train_and_every_other_weight_stays_exactly(env, fr
     for key, value in trained_te.items():
         assert torch.equal(value, base.text_encoder.state_dict()[key.replace(".base.", ".")]), key
     # ... and the vectors moved away from their start (the init word's token embeddings).
-    start = TextualInversionMethod(ti_cfg(env)).initial_vectors(base)
+    start = TextualInversionMethod(ti_cfg(env)).initial_vectors(base.text_encoder, base.tokenizer)
     saved = load_file(result.artifact.path)["emb_params"]
     assert saved.shape == start.shape == (2, base.text_encoder.config.hidden_size)
     assert not torch.allclose(saved, start)
@@ -64,8 +64,9 @@ def test_vectors_start_from_the_init_word(fresh, env):
     method.setup(comps)
     table = comps.text_encoder.get_input_embeddings().weight
     d, o = comps.tokenizer("do", add_special_tokens=False).input_ids
-    assert torch.equal(method.spliced.vectors.detach(), torch.stack([table[d], table[o], table[d]]))
-    assert [p for p in comps.text_encoder.parameters() if p.requires_grad] == [method.spliced.vectors]
+    (spliced,) = method.spliced  # one per text encoder
+    assert torch.equal(spliced.vectors.detach(), torch.stack([table[d], table[o], table[d]]))
+    assert [p for p in comps.text_encoder.parameters() if p.requires_grad] == [spliced.vectors]
 
 
 def test_the_trigger_word_becomes_the_new_tokens_in_captions_and_prompts(env):

@@ -8,14 +8,20 @@ from . import ldm_keys
 from .load_errors import SUPPORTED, ModelLoadError
 
 
-def check_family(sd: dict, path: str) -> None:
-    """Refuse what is not SD1.x with a message that says what the file is."""
+def check_family(sd: dict, path: str) -> str:
+    """"sd1" or "sdxl" (a base model: UNet with label_emb, CLIP-L and OpenCLIP-G); anything else is refused with a
+    message that says what the file is."""
     def has(prefix):
         return any(k.startswith(prefix) for k in sd)
 
     unet = ldm_keys.UNET_PREFIX
-    if has("conditioner.") or has(unet + "label_emb."):
-        kind = "an SDXL (or SD2 unCLIP) checkpoint"
+    if has("conditioner.embedders.1.model.") and has("conditioner.embedders.0.transformer.") \
+            and has(unet + "label_emb."):
+        return "sdxl"
+    if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
+        kind = "an SDXL refiner checkpoint (OpenCLIP-G only): it refines images and is not trained here"
+    elif has("conditioner.") or has(unet + "label_emb."):
+        kind = "an SDXL-type checkpoint without both text encoders (or an SD2 unCLIP checkpoint)"
     elif has("cond_stage_model.model."):
         kind = "an SD2.x checkpoint (OpenCLIP text encoder)"
     elif has(unet + "joint_blocks.") or has(unet + "double_blocks.") or has(unet + "transformer_blocks."):
@@ -30,7 +36,7 @@ def check_family(sd: dict, path: str) -> None:
         if context and context[0] in (1024, 2048):
             kind = f"an SD2.x/SDXL-type UNet (cross-attention width {context[0]})"
         else:
-            return
+            return "sd1"
     raise ModelLoadError(f"'{path}' is {kind}. {SUPPORTED}")
 
 
@@ -106,6 +112,21 @@ def infer_unet_config(u: dict, hints: dict | None = None) -> dict:
         "norm_num_groups": _groups(hints.get("norm_num_groups"), channels),
         "use_linear_projection": proj_in.ndim == 2,
     }
+
+
+def infer_sdxl_unet_config(u: dict, hints: dict, pooled_dim: int) -> dict:
+    """infer_unet_config plus what SDXL adds: heads of 64 channels per level, and the added embedding of the
+    pooled text (`pooled_dim` wide) and six size ids (the rest of label_emb's input, split in six)."""
+    config = infer_unet_config(u, hints)
+    added = u["label_emb.0.0.weight"].shape[1]
+    if (added - pooled_dim) % 6 or added <= pooled_dim:
+        raise ldm_keys.KeyMapError(f"label_emb takes {added} inputs, which is not the pooled text ({pooled_dim}) "
+                                   f"plus six size embeddings")
+    config.update(addition_embed_type="text_time", addition_time_embed_dim=(added - pooled_dim) // 6,
+                  projection_class_embeddings_input_dim=added, sample_size=hints.get("sample_size", 128),
+                  attention_head_dim=hints.get("attention_head_dim",
+                                               [max(c // 64, 1) for c in config["block_out_channels"]]))
+    return config
 
 
 def infer_vae_config(v: dict, hints: dict | None = None) -> dict:

@@ -1,4 +1,5 @@
-"""Loading a diffusers SD1.x folder (model_index.json with unet/, vae/ and text_encoder/) from local files."""
+"""Loading a diffusers SD1.x or SDXL folder (model_index.json with unet/, vae/, text_encoder/ and, for SDXL,
+text_encoder_2/) from local files."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from .model_hashes import file_sha256, legacy_hash
 
 def load_diffusers_folder(path, tokenizer_dir, dtype) -> SDComponents:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     index_file = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_file):
@@ -22,34 +23,45 @@ def load_diffusers_folder(path, tokenizer_dir, dtype) -> SDComponents:
             index = json.load(f)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"'{index_file}' is not valid JSON ({e}).") from e
-    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
-        raise ModelLoadError(f"'{path}' is an SDXL diffusers folder. {SUPPORTED}")
-    for part in ("unet", "vae", "text_encoder"):
+    sdxl = "text_encoder_2" in index
+    if "XL" in str(index.get("_class_name", "")) and not sdxl:
+        raise ModelLoadError(f"'{path}' is an SDXL refiner (one text encoder, OpenCLIP-G): it refines images and "
+                             f"is not trained here. {SUPPORTED}")
+    for part in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if sdxl else ()):
         if not os.path.isdir(os.path.join(path, part)):
             raise ModelLoadError(f"'{path}' has no '{part}' subfolder: the diffusers folder is incomplete.")
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True, torch_dtype=dtype,
                                                     variant=_variant(os.path.join(path, "unet")))
-        if unet.config.cross_attention_dim in (1024, 2048):
-            raise ModelLoadError(f"'{path}' is an SD2.x/SDXL-type model (cross-attention width "
+        if not sdxl and unet.config.cross_attention_dim in (1024, 2048):
+            raise ModelLoadError(f"'{path}' is an SD2.x-type model (cross-attention width "
                                  f"{unet.config.cross_attention_dim}). {SUPPORTED}")
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=dtype,
                                             variant=_variant(os.path.join(path, "vae")))
         text_encoder = CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), local_files_only=True)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            os.path.join(path, "text_encoder_2"), local_files_only=True).to(dtype).eval() if sdxl else None
     except ModelLoadError:
         raise
     except Exception as e:  # missing or corrupt weight files, bad configs
-        raise ModelLoadError(f"'{path}' could not be loaded as a diffusers SD1.x folder: {e}") from e
-    own_tokenizer = os.path.join(path, "tokenizer")
-    tokenizer = load_tokenizer(own_tokenizer if os.path.isdir(own_tokenizer) and tokenizer_dir is None
-                               else tokenizer_dir, path)
+        raise ModelLoadError(f"'{path}' could not be loaded as a diffusers {'SDXL' if sdxl else 'SD1.x'} folder: "
+                             f"{e}") from e
+    tokenizer = load_tokenizer(_own(path, "tokenizer", tokenizer_dir), path)
+    tokenizer_2 = load_tokenizer(_own(path, "tokenizer_2", tokenizer_dir), path, pad_token="!") if sdxl else None
     weights = _weights_file(os.path.join(path, "unet"))
-    return SDComponents(family="sd1", unet=unet.eval(), vae=vae.eval(),
+    return SDComponents(family="sdxl" if sdxl else "sd1", unet=unet.eval(), vae=vae.eval(),
                         text_encoder=text_encoder.to(dtype).eval(), tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
                         prediction_type=_prediction_type(path), source=path,
                         info={"name": os.path.basename(os.path.normpath(path)), "format": "diffusers",
                               "legacy_hash": legacy_hash(weights) if weights else "",
                               "sha256": file_sha256(weights) if weights else ""})
+
+
+def _own(path: str, name: str, tokenizer_dir: str | None) -> str | None:
+    """The folder's own tokenizer, unless the caller names one."""
+    own = os.path.join(path, name)
+    return own if os.path.isdir(own) and tokenizer_dir is None else tokenizer_dir
 
 
 def _weights_file(folder: str) -> str | None:

@@ -222,6 +222,13 @@ def ldm_to_diffusers(state_dict: dict, unet_config, vae_config) -> dict[str, dic
 
 
 PARTS = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}  # model -> its LDM key prefix
+SDXL_TEXT_PREFIX = "conditioner."  # both SDXL text encoders (sdxl_text_keys)
+
+
+def part_prefix(components, part: str) -> str:
+    """Where a part's keys live in this model's single file."""
+    sdxl = getattr(components, "text_encoder_2", None) is not None
+    return SDXL_TEXT_PREFIX if part == "text_encoder" and sdxl else PARTS[part]
 
 
 def diffusers_to_ldm(components, dtype=None, parts=tuple(PARTS)) -> dict:
@@ -241,7 +248,11 @@ def diffusers_to_ldm(components, dtype=None, parts=tuple(PARTS)) -> dict:
             if part == "vae" and _is_vae_projection(key) and tensor.ndim == 2:
                 tensor = tensor.reshape(*tensor.shape, 1, 1)
             out[PARTS[part] + mapping[key]] = tensor
-    if "text_encoder" in parts:
+    if "text_encoder" in parts and getattr(components, "text_encoder_2", None) is not None:  # SDXL: CLIP-L, -G
+        from .sdxl_text_keys import sdxl_text_to_ldm
+
+        out.update(sdxl_text_to_ldm(components.text_encoder.state_dict(), components.text_encoder_2.state_dict()))
+    elif "text_encoder" in parts:
         for key, tensor in components.text_encoder.state_dict().items():
             if not key.endswith("position_ids"):  # a buffer rebuilt by every loader
                 out[text_ldm_key(key)] = tensor
@@ -261,6 +272,10 @@ def config_hints(components) -> dict[str, str]:
         "text_encoder": {"num_attention_heads": text.num_attention_heads, "hidden_act": text.hidden_act,
                          "layer_norm_eps": text.layer_norm_eps},
     }
+    if getattr(components, "text_encoder_2", None) is not None:  # SDXL's OpenCLIP-G
+        second = components.text_encoder_2.config
+        hints["text_encoder_2"] = {"num_attention_heads": second.num_attention_heads,
+                                   "hidden_act": second.hidden_act, "layer_norm_eps": second.layer_norm_eps}
     return {HINTS_KEY: json.dumps(hints, sort_keys=True, default=list)}
 
 

@@ -1,7 +1,7 @@
 """The error a model that cannot be loaded raises, and the sentence that says what can be loaded."""
 from __future__ import annotations
 
-SUPPORTED = ("Supported are Stable Diffusion 1.x models: a single-file checkpoint (.safetensors, or "
+SUPPORTED = ("Supported are Stable Diffusion 1.x and SDXL base models: a single-file checkpoint (.safetensors, or "
              ".ckpt/.pt holding only tensors) or a diffusers folder with model_index.json.")
 
 

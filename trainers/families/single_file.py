@@ -1,4 +1,5 @@
-"""Building the UNet, VAE and text encoder of a single-file checkpoint from its LDM-layout weights."""
+"""Building the UNet, VAE and text encoder of an SD1.x single-file checkpoint from its LDM-layout weights (SDXL:
+sdxl_single_file.py, on the same helpers)."""
 from __future__ import annotations
 
 import os
@@ -6,16 +7,16 @@ import os
 from . import ldm_keys
 from .clip_tokenizer import load_tokenizer
 from .components import SDComponents
-from .config_inference import check_family, infer_text_config, infer_unet_config, infer_vae_config, read_hints
+from .config_inference import infer_text_config, infer_unet_config, infer_vae_config, read_hints
 from .load_errors import SUPPORTED, ModelLoadError
 from .model_hashes import file_sha256, legacy_hash
+from .sdxl_text_keys import match_text_layout
 
 
 def load_single_file(path, state_dict, metadata, tokenizer_dir, dtype) -> SDComponents:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    check_family(state_dict, path)
     hints = read_hints(metadata, path)
     unet_sd = _strip(state_dict, ldm_keys.UNET_PREFIX)
     vae_sd = _strip(state_dict, ldm_keys.VAE_PREFIX)
@@ -61,8 +62,7 @@ def _instantiate(build, state_dict: dict, dtype, what: str, path: str):
     except (ValueError, TypeError) as e:  # e.g. a width that does not split into the heads
         raise ModelLoadError(f"'{path}': no {what} can be built from the inferred config: {e}") from e
     expected = set(model.state_dict())
-    if any(k.startswith(ldm_keys.TEXT_MODEL) for k in expected):  # transformers < 5 names
-        state_dict = {ldm_keys.TEXT_MODEL + k: v for k, v in state_dict.items()}
+    state_dict = match_text_layout(state_dict, expected)  # CLIP names with or without text_model. (transformers)
     missing, unknown = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     if missing or unknown:
         raise ModelLoadError(f"'{path}': {ldm_keys.mismatch_message(what, missing, unknown)}")

@@ -61,23 +61,25 @@ class TextualInversionMethod(TrainingMethod):
         for model in (comps.unet, comps.vae, *comps.text_encoders):
             model.requires_grad_(False)
         tokens = self.tokens()
-        added = comps.tokenizer.add_tokens(tokens)
-        if added != len(tokens):
-            raise ValueError(f"The tokenizer already knows {', '.join(tokens)}; pick another trigger word.")
-        start = self.initial_vectors(comps)
-        ids = comps.tokenizer.convert_tokens_to_ids(tokens)
-        encoder = comps.text_encoders[0]  # SDXL (issue 11) adds vectors for its second encoder (clip_g)
-        spliced = SplicedEmbedding(encoder.get_input_embeddings(), first_new=min(ids), vectors=start)
-        encoder.set_input_embeddings(spliced)
-        self.spliced = spliced
-        return [{"params": [spliced.vectors], "lr": cfg.embedding_lr}]
+        self.spliced = []
+        # Every text encoder gets its own vectors for the new tokens (SDXL: CLIP-L and OpenCLIP-G, saved as
+        # clip_l and clip_g), each started from its own embedding of the init word.
+        for encoder, tokenizer in zip(comps.text_encoders, comps.tokenizers):
+            if tokenizer.add_tokens(tokens) != len(tokens):
+                raise ValueError(f"The tokenizer already knows {', '.join(tokens)}; pick another trigger word.")
+            ids = tokenizer.convert_tokens_to_ids(tokens)
+            spliced = SplicedEmbedding(encoder.get_input_embeddings(), first_new=min(ids),
+                                       vectors=self.initial_vectors(encoder, tokenizer))
+            encoder.set_input_embeddings(spliced)
+            self.spliced.append(spliced)
+        return [{"params": [s.vectors for s in self.spliced], "lr": cfg.embedding_lr}]
 
-    def initial_vectors(self, comps) -> torch.Tensor:
+    def initial_vectors(self, encoder, tokenizer) -> torch.Tensor:
         """Vector i starts as the init word's token i (cycled), as A1111 does: [num_vectors, dim]."""
-        init = comps.tokenizer(self.cfg.init_word, add_special_tokens=False).input_ids
+        init = tokenizer(self.cfg.init_word, add_special_tokens=False).input_ids
         if not init:
             raise ValueError(f"init_word {self.cfg.init_word!r} gives no token; use a plain word such as dog.")
-        table = comps.text_encoders[0].get_input_embeddings().weight
+        table = encoder.get_input_embeddings().weight
         with torch.no_grad():
             return torch.stack([table[init[i % len(init)]] for i in range(self.cfg.num_vectors)]).float()
 
@@ -88,15 +90,15 @@ class TextualInversionMethod(TrainingMethod):
 
     def export(self, comps, family, *, captions, dataset_dir, steps, started) -> Artifact:
         cfg = self.cfg
-        vectors = self.spliced.vectors.detach().float().cpu()
-        tensors = {family.embedding_keys[0]: vectors}
+        vectors = [s.vectors.detach().float().cpu() for s in self.spliced]
+        tensors = dict(zip(family.embedding_keys, vectors))
         info = comps.info
         meta = {
             **modelspec(f"{family.architecture}/textual-inversion", cfg.output_name, started,
                         trigger_phrase=f"embedding:{cfg.output_name}"),
             "personalize.token": cfg.trigger_word,
             "personalize.init_word": cfg.init_word,
-            "personalize.vectors": str(len(vectors)),
+            "personalize.vectors": str(len(vectors[0])),
             "personalize.steps": str(steps),
             "personalize.images": str(len(captions)),
             "personalize.base_model": info.get("name", ""),

@@ -153,7 +153,8 @@ def save_single_file(components: SDComponents, path: str, dtype=None) -> str:
 
 
 def save_diffusers_folder(components: SDComponents, directory: str) -> str:
-    """A diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/ and model_index.json."""
+    """A diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/ and model_index.json (SDXL: also
+    text_encoder_2/ and tokenizer_2/)."""
     import diffusers
 
     from ..core.safe_io import write_json
@@ -166,10 +167,17 @@ def save_diffusers_folder(components: SDComponents, directory: str) -> str:
     scheduler = diffusers.DDPMScheduler.from_config(  # from_config drops DDIM-only keys
         {**SD_SCHEDULER_CONFIG, "prediction_type": components.prediction_type})
     scheduler.save_pretrained(os.path.join(directory, "scheduler"))
-    write_json(os.path.join(directory, "model_index.json"), {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False})
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
+             "feature_extractor": [None, None], "requires_safety_checker": False}
+    if components.text_encoder_2 is not None:  # SDXL: the pipeline's own layout
+        components.text_encoder_2.save_pretrained(os.path.join(directory, "text_encoder_2"))
+        components.tokenizer_2.save_pretrained(os.path.join(directory, "tokenizer_2"))
+        index = {k: v for k, v in index.items() if k not in ("safety_checker", "requires_safety_checker")}
+        index.update(_class_name="StableDiffusionXLPipeline", force_zeros_for_empty_prompt=True,
+                     text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"], feature_extractor=[None, None])
+    write_json(os.path.join(directory, "model_index.json"), index)
     return directory
