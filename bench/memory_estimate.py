@@ -1,6 +1,6 @@
-"""Training memory of SD1.5 at 512 px, per preset, estimated without a GPU.
+"""Training memory of SD1.5 at 512 px and SDXL at 1024 px, per preset, estimated without a GPU.
 
-The full-size SD1.5 UNet (859.5M parameters) and CLIP-L text encoder are built from their real configs as fake
+The full-size SD1.5 UNet (859.5M parameters), SDXL UNet (2.57B) and CLIP-L text encoder are built from their real configs as fake
 tensors (no memory, no arithmetic), and one training step after another runs as the trainer runs it: trained
 weights fp32, frozen ones in the compute dtype, bf16 autocast, gradient checkpointing as chosen, fused AdamW,
 latents and (frozen) text-encoder outputs cached so the VAE and text encoder sit in CPU memory, a batch of one
@@ -25,6 +25,12 @@ SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, 
                  block_out_channels=(320, 640, 1280, 1280),
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SDXL_UNET = dict(sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10, 20), layers_per_block=2,
+                 block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu")
 
@@ -57,14 +63,14 @@ class LiveBytes(TorchDispatchMode):
 
 
 def estimate(method: str, *, train_te: bool = False, checkpointing: bool = True, rank: int = 8, batch: int = 2,
-             resolution: int = 512) -> dict:
+             resolution: int = 512, sdxl: bool = False) -> dict:
     """Peak GiB of one step (the second: the optimizer state exists by then) and the trained parameter count."""
     from diffusers import UNet2DConditionModel
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with FakeTensorMode():
-        unet = UNet2DConditionModel(**SD15_UNET)
+        unet = UNet2DConditionModel(**(SDXL_UNET if sdxl else SD15_UNET))
         te = CLIPTextModel(CLIPTextConfig(**CLIP_L)) if train_te else None
         if method == "lora":
             from unittest import mock
@@ -99,10 +105,12 @@ def estimate(method: str, *, train_te: bool = False, checkpointing: bool = True,
                 if te is not None:
                     with torch.autocast("cpu", dtype=torch.bfloat16):
                         cond = te(torch.zeros(batch, 77, dtype=torch.long)).last_hidden_state
-                else:
-                    cond = torch.randn(batch, 77, 768, dtype=torch.bfloat16)  # the cached outputs
+                else:  # the cached outputs (SDXL: both encoders' states, the pooled text, the size ids)
+                    cond = torch.randn(batch, 77, 2048 if sdxl else 768, dtype=torch.bfloat16)
+                extra = {"added_cond_kwargs": {"text_embeds": torch.randn(batch, 1280, dtype=torch.bfloat16),
+                                               "time_ids": torch.zeros(batch, 6)}} if sdxl else {}
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    pred = unet(x, torch.full((batch,), 500), cond).sample
+                    pred = unet(x, torch.full((batch,), 500), cond, **extra).sample
                 torch.nn.functional.mse_loss(pred.float(), x).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -116,8 +124,11 @@ def main():
             ("dreambooth, UNet + text encoder", dict(method="full", train_te=True)),
             ("dreambooth, UNet, no gradient checkpointing", dict(method="full", checkpointing=False)),
             ("dreambooth_lora rank 8, UNet attention", dict(method="lora"))]
-    print("SD1.5 at 512 px, batch 1 photo + 1 class image, bf16 autocast, fp32 trained weights; peak tensor memory "
-          "of a step on the GPU (GiB)")
+    rows += [("SDXL 1024 px, LoRA rank 8, UNet only, batch 1",
+              dict(method="lora", sdxl=True, batch=1, resolution=1024)),
+             ("SDXL 1024 px, dreambooth, UNet, batch 1 + 1", dict(method="full", sdxl=True, resolution=1024))]
+    print("SD1.5 at 512 px, batch 1 photo + 1 class image (SDXL rows as labelled), bf16 autocast, fp32 trained "
+          "weights, gradient checkpointing unless said; peak tensor memory of a step on the GPU (GiB)")
     print(f"{'preset':48s} {'trained params':>15s} {'AdamW':>8s} {'AdamW8bit':>10s}")
     for label, kw in rows:
         r = estimate(**kw)
