@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..trainers.core.config import widgets
 from .paths import node_folder
-from .training_run import DATASET_INPUT, TrainerNode, base_inputs, run_training
+from .training_run import DATASET_INPUT, TrainerNode, base_inputs, run_training, vae_input
 
 
 class TrainDreamBooth(TrainerNode):
@@ -49,6 +49,7 @@ class TrainDreamBooth(TrainerNode):
                           warmup_steps={"default": 0}, gradient_checkpointing={"default": True},
                           save_every={"default": 250}, keep_checkpoints={"default": 1}),
                 "dataset": DATASET_INPUT,
+                **vae_input(),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

@@ -6,7 +6,7 @@ rate) and its output (an embedding name for `embedding:<name>` in a prompt, not 
 from __future__ import annotations
 
 from ..trainers.core.config import widgets
-from .training_run import DATASET_INPUT, TrainerNode, base_inputs, run_training
+from .training_run import DATASET_INPUT, TrainerNode, base_inputs, run_training, vae_input
 
 
 class TrainTextualInversion(TrainerNode):
@@ -41,6 +41,7 @@ class TrainTextualInversion(TrainerNode):
                           "save_every", "validation_prompt", "validation_every", "resume",
                           lr_scheduler={"default": "constant"}, warmup_steps={"default": 0}),
                 "dataset": DATASET_INPUT,
+                **vae_input(),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..trainers.core.config import widgets
-from .training_run import DATASET_INPUT, TrainerNode, base_inputs, run_training
+from .training_run import DATASET_INPUT, TrainerNode, base_inputs, run_training, vae_input
 
 
 class TrainLoRA(TrainerNode):
@@ -30,6 +30,7 @@ class TrainLoRA(TrainerNode):
                           "noise_offset", "caption_dropout", "save_every", "validation_prompt", "validation_every",
                           "resume", "network", "lokr_factor", "conv_rank", "conv_alpha"),
                 "dataset": DATASET_INPUT,
+                **vae_input(),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

@@ -18,13 +18,23 @@ class TrainerNode:
 def base_inputs() -> dict:
     """The first two widgets of every trainer: the base checkpoint and the folder of photos."""
     return {
-        "ckpt_name": (host.list_models("checkpoints"), {"tooltip": "SD1.x base checkpoint from models/checkpoints."}),
+        "ckpt_name": (host.list_models("checkpoints"), {"tooltip": "SD1.x or SDXL base checkpoint from "
+                                                                   "models/checkpoints."}),
         "dataset_folder": ("STRING", {"default": "", "tooltip": "Folder of training photos; a `name.txt` beside an "
                                       "image is its caption. Relative paths are inside ComfyUI's input folder."}),
     }
 
 
 DATASET_INPUT = ("DATASET", {"tooltip": "A dataset from 'Build Dataset'; overrides dataset_folder."})
+OWN_VAE = "(checkpoint's own)"
+
+
+def vae_input() -> dict:
+    """The last widget of every trainer: a VAE from models/vae instead of the checkpoint's own."""
+    from ..trainers.core.config import widget
+
+    tooltip = widget("vae")[1]["tooltip"]
+    return {"vae_name": ([OWN_VAE] + host.list_models("vae"), {"default": OWN_VAE, "tooltip": tooltip})}
 
 
 def run_training(ckpt_name: str, dataset_folder: str, dataset, **settings):
@@ -34,6 +44,8 @@ def run_training(ckpt_name: str, dataset_folder: str, dataset, **settings):
     from ..trainers.training.loop import train
 
     folder = node_dataset(dataset) if dataset is not None else node_folder(dataset_folder, "Dataset folder")
+    vae = settings.pop("vae_name", OWN_VAE)
+    settings["vae"] = "" if vae == OWN_VAE else vae
     cfg = TrainConfig(base_model=ckpt_name, dataset=folder, **settings)
     # ComfyUI runs every node under torch.inference_mode(): training needs autograd back.
     with torch.inference_mode(False), torch.enable_grad():

@@ -44,6 +44,8 @@ class TrainConfig:
     # What to train, on what, into what.
     base_model: str = setting("", "A checkpoint in models/checkpoints (or a diffusers folder in models/diffusers); "
                                   "the command line also takes a full path.")
+    vae: str = setting("", "A VAE in models/vae to train with instead of the checkpoint's own (e.g. the fp16-fix "
+                           "SDXL VAE); empty: the checkpoint's. A DreamBooth checkpoint keeps its base's VAE.")
     dataset: str = setting("", "Folder of training images with optional same-name .txt captions, or a folder "
                                "made by Build Dataset.")
     output_name: str = setting("my_lora", "Name of the file the run writes (models/loras or models/embeddings); "

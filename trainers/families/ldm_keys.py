@@ -202,23 +202,32 @@ def ldm_to_diffusers(state_dict: dict, unet_config, vae_config) -> dict[str, dic
     KeyMapError); text-encoder keys come back without `text_model.` and are checked when loaded.
     Keys outside the three models (EMA copies, noise-schedule buffers) are ignored.
     """
-    parts = {"unet": {}, "vae": {}, "text_encoder": {}}
-    for part, prefix, mapping in (("unet", UNET_PREFIX, unet_diffusers_to_ldm(unet_config)),
-                                  ("vae", VAE_PREFIX, vae_diffusers_to_ldm(vae_config))):
-        wanted = {prefix + ldm: key for key, ldm in mapping.items()}
-        present = {k for k in state_dict if k.startswith(prefix) and not _ignorable(k)}
-        missing, unknown = sorted(set(wanted) - present), sorted(present - set(wanted))
-        if missing or unknown:
-            raise KeyMapError(mismatch_message(part, missing, unknown))
-        for ldm_key, key in wanted.items():
-            tensor = state_dict[ldm_key]
-            if part == "vae" and _is_vae_projection(key) and tensor.ndim == 4:
-                tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])
-            parts[part][key] = tensor
+    parts = {"unet": _part_to_diffusers(state_dict, "unet", UNET_PREFIX, unet_diffusers_to_ldm(unet_config)),
+             "vae": vae_to_diffusers(state_dict, vae_config), "text_encoder": {}}
     for k, tensor in state_dict.items():
         if k.startswith(TEXT_PREFIX) and not _ignorable(k):
             parts["text_encoder"][text_diffusers_key(k)] = tensor
     return parts
+
+
+def vae_to_diffusers(state_dict: dict, vae_config) -> dict:
+    """The VAE's tensors (LDM names under first_stage_model.) by their diffusers names, checked strictly."""
+    return _part_to_diffusers(state_dict, "vae", VAE_PREFIX, vae_diffusers_to_ldm(vae_config))
+
+
+def _part_to_diffusers(state_dict: dict, part: str, prefix: str, mapping: dict) -> dict:
+    wanted = {prefix + ldm: key for key, ldm in mapping.items()}
+    present = {k for k in state_dict if k.startswith(prefix) and not _ignorable(k)}
+    missing, unknown = sorted(set(wanted) - present), sorted(present - set(wanted))
+    if missing or unknown:
+        raise KeyMapError(mismatch_message(part, missing, unknown))
+    out = {}
+    for ldm_key, key in wanted.items():
+        tensor = state_dict[ldm_key]
+        if part == "vae" and _is_vae_projection(key) and tensor.ndim == 4:  # 1x1 convs in LDM, linear here
+            tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])
+        out[key] = tensor
+    return out
 
 
 PARTS = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}  # model -> its LDM key prefix

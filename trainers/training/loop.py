@@ -67,6 +67,8 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     _note(accelerator, notes, *passed_over)
     if checkpoints:
         cfg = _resumed_config(cfg, run, accelerator)
+    if cfg.vae:
+        comps.vae = _load_vae(cfg.vae, comps.vae)
     _log_main(accelerator, "run %s on %s (%d process(es))%s", run.path, device, accelerator.num_processes,
               ", resuming it" if checkpoints else "")
 
@@ -304,6 +306,15 @@ def _load_base(cfg: TrainConfig):
             except FileNotFoundError:
                 raise missing from None  # name the checkpoints folder, where most models live
     return load_sd_components(path)
+
+
+def _load_vae(name: str, like):
+    from ..families.vae_file import load_vae_file
+
+    local = not path_policy.server_rules()  # as for the base model: a full path only from the command line
+    path = name if local and os.path.isfile(name) else host.resolve_model("vae", name, allow_absolute=local)
+    log.info("encoding with the VAE %s", path)
+    return load_vae_file(path, like)
 
 
 def _to_training_dtype(comps, method, weight_dtype, device):

@@ -26,9 +26,15 @@ def sample_images(comps, unet, prompts: list[str], seeds: list[int], *, resoluti
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         dtype = dtype or next(unet.parameters()).dtype
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return pipe(prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-                        height=resolution, width=resolution, num_inference_steps=steps,
-                        guidance_scale=guidance_scale, generator=generators).images
+            latents = pipe(prompts, negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+                           height=resolution, width=resolution, num_inference_steps=steps, output_type="latent",
+                           guidance_scale=guidance_scale, generator=generators).images
+        # Decoded in fp32, outside autocast: SDXL's VAE overflows to NaN (black images) in fp16.
+        vae = comps.vae
+        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        images = vae.decode(latents + shift if shift else latents).sample
+        return pipe.image_processor.postprocess(images, output_type="pil")
     finally:
         for model, where in zip(moved, devices):
             model.to(where)
