@@ -514,3 +514,44 @@ def test_benchmark_and_compare_base_against_a_lora_in_one_prompt(comfy, photos, 
     assert data["models"]["lora"]["DINO"]["backbone"] == "dino-vits16"
     assert data["models"]["lora"]["s/image"] > 0 and data["models"]["lora"]["parameters"] > 0
     assert entry["outputs"]["13"]["images"]
+
+
+# --- SDXL: the smallest checkpoint ComfyUI takes as SDXL (Segmind Vega's layout, full CLIP-L and bigG) ---------
+CKPT_XL = "personalize_toy_sdxl.safetensors"
+
+
+@pytest.fixture(scope="module")
+def toy_sdxl_checkpoint(comfy, tmp_path_factory) -> str:
+    import torch
+
+    from trainers.testing.toy_models import build_sdxl, save_single_file
+
+    tokenizer = os.path.join(comfyui_dir(), "comfy", "sd1_tokenizer")
+    path = str(tmp_path_factory.mktemp("comfy_xl") / CKPT_XL)
+    save_single_file(build_sdxl("comfy", tokenizer_dir=tokenizer), path, dtype=torch.float16)
+    comfy.add_model("checkpoints", path, CKPT_XL)
+    return path
+
+
+def test_sdxl_lora_trained_through_prompt_applies_every_key_in_comfyui(comfy, photos, toy_sdxl_checkpoint):
+    from safetensors import safe_open
+
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_XL}},
+        "2": {"class_type": TRAIN, "inputs": train_inputs(photos, "it_sdxl", ckpt_name=CKPT_XL, preset="kohya",
+                                                          steps=2, train_text_encoder=True)},
+        "3": {"class_type": APPLY, "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "not_there.safetensors",
+                                              "strength_model": 1.0, "strength_clip": 1.0, "trained_lora": ["2", 0]}},
+        **sample_nodes(["3", 0], ["3", 1], ["1", 2]),
+    }
+    entry, log, seconds = run_prompt(comfy, prompt, timeout=900)
+    print(f"\nSDXL LoRA (kohya preset, both text encoders, 2 steps) + apply + sample: {seconds:.1f} s")
+    assert_success(entry, log)
+    assert "SDXLClipModel" in log, log[-3000:]  # ComfyUI took the base as SDXL
+    assert lora_keys_not_loaded(log) == [], log
+    with safe_open(os.path.join(comfy.model_folder("loras"), "it_sdxl.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert {k.split("_")[1] for k in keys} == {"unet", "te1", "te2"}
+    assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") for k in keys)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"

@@ -99,6 +99,18 @@ SDXL_SIZES = {
                  text_2=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                              projection_dim=32),
                  vae=SIZES["tiny"]["vae"]),
+    # The smallest model ComfyUI's CheckpointLoaderSimple takes as SDXL (its Segmind_Vega entry: 320 channels,
+    # transformer depths 0/1/2 per level, 2048-wide context, 2816 added inputs), with CLIP-L and OpenCLIP bigG at
+    # full size: ComfyUI builds both encoders from its own configs.
+    "comfy": dict(unet=dict(block_out_channels=(320, 320, 320), layers_per_block=2,
+                            transformer_layers_per_block=(1, 1, 2), attention_head_dim=(5, 5, 5), norm_num_groups=32, addition_time_embed_dim=256,
+                            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+                  text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            vocab_size=49408),
+                  text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                              projection_dim=1280, vocab_size=49408),
+                  vae=SIZES["comfy"]["vae"]),
 }
 
 
@@ -119,18 +131,20 @@ def build_sdxl(size: str = "tiny", seed: int = 0, tokenizer_dir: str | None = No
     tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!")  # OpenCLIP pads with "!"
     ids = dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**ids, **spec["text"], hidden_act="quick_gelu",
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**ids, **spec["text"]}, hidden_act="quick_gelu",
                                                 pad_token_id=tokenizer.pad_token_id))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **spec["text_2"], hidden_act="gelu",
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**ids, **spec["text_2"]}, hidden_act="gelu",
                                                                 pad_token_id=tokenizer_2.pad_token_id))
-    unet_spec = spec["unet"]
+    unet_spec = dict(spec["unet"])
+    levels = {k: unet_spec.pop(k) for k in ("down_block_types", "up_block_types") if k in unet_spec}
     width = spec["text"]["hidden_size"] + spec["text_2"]["hidden_size"]
     # The added embedding takes the six size ids (each embedded in addition_time_embed_dim) and the pooled text.
     added = 6 * unet_spec["addition_time_embed_dim"] + spec["text_2"]["projection_dim"]
+    levels = {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+              "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), **levels}
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=width, use_linear_projection=True,
-        addition_embed_type="text_time", projection_class_embeddings_input_dim=added, **unet_spec)
+        sample_size=16, in_channels=4, out_channels=4, cross_attention_dim=width, use_linear_projection=True,
+        addition_embed_type="text_time", projection_class_embeddings_input_dim=added, **levels, **unet_spec)
     nvae = len(spec["vae"]["block_out_channels"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
                         down_block_types=("DownEncoderBlock2D",) * nvae,
