@@ -80,13 +80,16 @@ def main(argv=None) -> dict:
 
     collect = _Collect()
     logging.getLogger().addHandler(collect)
+    # --- ComfyUI ------------------------------------------------------------
+    model, clip = comfy.sd.load_checkpoint_guess_config(args.ckpt, output_vae=False, output_clip=True)[:2]
+    sdxl = type(model.model).__name__ == "SDXL"
     torch.manual_seed(0)
     x = torch.randn(1, 4, args.latent, args.latent)
     t = torch.tensor([args.timestep])
-    cond = torch.randn(1, 77, 768)
-
-    # --- ComfyUI ------------------------------------------------------------
-    model, clip = comfy.sd.load_checkpoint_guess_config(args.ckpt, output_vae=False, output_clip=True)[:2]
+    cond = torch.randn(1, 77, 2048 if sdxl else 768)
+    pooled = torch.randn(1, 1280) if sdxl else None
+    size = args.latent * 8  # SDXL's size ids: this size, uncropped, on both sides
+    y = model.model.encode_adm(pooled_output=pooled, width=size, height=size) if sdxl else None
     lora = comfy.utils.load_torch_file(args.lora, safe_load=True)
     tokens = clip.tokenize(args.prompt)
     ids = torch.tensor([[tok[0] for tok in tokens["l"][0]]])
@@ -94,11 +97,12 @@ def main(argv=None) -> dict:
     def comfy_unet(patcher):
         mm.load_models_gpu([patcher], force_full_load=True)  # applies the patches to the weights
         with torch.no_grad():
-            return patcher.model.diffusion_model(x, timesteps=t, context=cond).float()
+            return patcher.model.diffusion_model(x, timesteps=t, context=cond, y=y).float()
 
     def comfy_clip(c):
-        with torch.no_grad():
-            return c.encode_from_tokens(tokens).float()
+        with torch.no_grad():  # SDXL: both encoders' states side by side, and the pooled projection
+            states, pooled_out = c.encode_from_tokens(tokens, return_pooled=True)
+            return torch.cat([states.float().flatten(), pooled_out.float().flatten()]) if sdxl else states.float()
 
     results = {"unet_dtype": str(model.model_dtype())}
     comfy_base_unet, comfy_base_te = comfy_unet(model), comfy_clip(clip)
@@ -125,36 +129,53 @@ def main(argv=None) -> dict:
     conv_rank = int(net_args.get("conv_dim", rank))  # the 3x3 convs' rank (kohya's conv_dim)
     results["network"] = network.name
 
+    from trainers.families.ldm_keys import KeyMapError
+    from trainers.families.registry import get_family
+
     comps = load_sd_components(args.ckpt, tokenizer_dir=os.path.join(comfy_dir, "comfy", "sd1_tokenizer"))
-    comps.unet.eval()
-    comps.text_encoder.eval()
+    family = get_family(comps.family)
+    for encoder in (comps.unet, *comps.text_encoders):
+        encoder.eval()
+    added = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": torch.tensor([[size, size, 0, 0, size, size]],
+                                                                                  dtype=torch.float32)}} if sdxl else {}
 
     def ours_unet():
         with torch.no_grad():
-            return comps.unet(x, t, cond).sample.float()
+            return comps.unet(x, t, cond, **added).sample.float()
 
     def ours_te():
         with torch.no_grad():
+            if sdxl:
+                out = family.encode(comps, [args.prompt])
+                return torch.cat([out.states.float().flatten(), out.pooled.float().flatten()])
             return comps.text_encoder(ids)[0].float()
+
+    def unet_stem(name):
+        try:
+            return keys.kohya_stem(family.lora_unet_name(comps.unet, name), keys.UNET_PREFIX)
+        except KeyMapError:  # modules without weights (time_proj) have no name in the LDM layout
+            return None
 
     ours_base_unet, ours_base_te = ours_unet(), ours_te()
     stems = {k.split(".")[0] for k in lora}
-    locon = {keys.kohya_stem(n, keys.UNET_PREFIX) for n in keys.unet_targets(comps.unet, "locon")}
+    locon = {unet_stem(n) for n in keys.unet_targets(comps.unet, "locon")}
     file_unet = {s for s in stems if s.startswith(keys.UNET_PREFIX)}
     results["locon_stems_missing_from_file"] = sorted(locon - file_unet)
     results["file_stems_outside_locon"] = sorted(file_unet - locon)
-    attached = {}
-    for model_, prefix, key in ((comps.unet, keys.UNET_PREFIX, "unet"),
-                                (comps.text_encoder, keys.TE_PREFIX, "te")):
-        targets = [name for name, _ in model_.named_modules()
-                   if name and keys.kohya_stem(name, prefix) in stems]
-        attached[key] = len(targets)
+    attached = {"unet": 0, "te": 0}
+    models = [(comps.unet, unet_stem, "unet")] + [
+        (encoder, lambda name, prefix=prefix: keys.kohya_stem(name, prefix), "te")
+        for encoder, prefix in zip(comps.text_encoders, keys.te_prefixes(len(comps.text_encoders)))]
+    for model_, stem, key in models:
+        targets = [name for name, _ in model_.named_modules() if name and stem(name) in stems]
+        attached[key] += len(targets)
         if targets:
             network.attach(model_, targets, rank, float(rank), factor, conv_rank)  # load sets the file's alpha
-    results["unused_stems"] = network.load(lora, comps.unet, comps.text_encoder)
+    results["unused_stems"] = network.load(lora, comps.unet, comps.text_encoders,
+                                           unet_name=lambda name: family.lora_unet_name(comps.unet, name))
     ours_lora_unet, ours_lora_te = ours_unet(), ours_te()
     results["file_unet_stems"] = sum(s.startswith(keys.UNET_PREFIX) for s in stems)
-    results["file_te_stems"] = sum(s.startswith(keys.TE_PREFIX) for s in stems)
+    results["file_te_stems"] = sum(s.startswith("lora_te") for s in stems)
     results["ours_unet_modules"], results["ours_te_modules"] = attached["unet"], attached["te"]
 
     # --- comparison -------------------------------------------------------------

@@ -533,9 +533,9 @@ def toy_sdxl_checkpoint(comfy, tmp_path_factory) -> str:
     return path
 
 
-def test_sdxl_lora_trained_through_prompt_applies_every_key_in_comfyui(comfy, photos, toy_sdxl_checkpoint):
-    from safetensors import safe_open
-
+@pytest.fixture(scope="module")
+def sdxl_lora(comfy, photos, toy_sdxl_checkpoint) -> dict:
+    """An SDXL LoRA trained through POST /prompt, kohya preset, both text encoders, and sampled through it."""
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_XL}},
         "2": {"class_type": TRAIN, "inputs": train_inputs(photos, "it_sdxl", ckpt_name=CKPT_XL, preset="kohya",
@@ -547,11 +547,31 @@ def test_sdxl_lora_trained_through_prompt_applies_every_key_in_comfyui(comfy, ph
     entry, log, seconds = run_prompt(comfy, prompt, timeout=900)
     print(f"\nSDXL LoRA (kohya preset, both text encoders, 2 steps) + apply + sample: {seconds:.1f} s")
     assert_success(entry, log)
+    return {"path": os.path.join(comfy.model_folder("loras"), "it_sdxl.safetensors"), "log": log}
+
+
+def test_sdxl_lora_trained_through_prompt_applies_every_key_in_comfyui(sdxl_lora):
+    from safetensors import safe_open
+
+    log = sdxl_lora["log"]
     assert "SDXLClipModel" in log, log[-3000:]  # ComfyUI took the base as SDXL
     assert lora_keys_not_loaded(log) == [], log
-    with safe_open(os.path.join(comfy.model_folder("loras"), "it_sdxl.safetensors"), "pt") as f:
+    with safe_open(sdxl_lora["path"], "pt") as f:
         keys = list(f.keys())
         meta = f.metadata()
     assert {k.split("_")[1] for k in keys} == {"unet", "te1", "te2"}
     assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") for k in keys)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+def test_sdxl_lora_applied_by_comfyui_changes_unet_and_both_encoders_as_ours(comfy, sdxl_lora, toy_sdxl_checkpoint,
+                                                                            tmp_path):
+    r = run_equivalence(comfy, "comfy_lora_equivalence.py", toy_sdxl_checkpoint, tmp_path, "--lora", sdxl_lora["path"])
+    print("\nSDXL equivalence: " + ", ".join(f"{k}={v:.2e}" for k, v in r.items() if k.endswith(("_err", "_size"))))
+    assert r["keys_not_loaded"] == [] and r["unused_stems"] == []
+    assert r["comfy_unet_patches"] == r["file_unet_stems"] == r["ours_unet_modules"] > 0
+    assert r["comfy_clip_patches"] == r["file_te_stems"] == r["ours_te_modules"] == (12 + 32) * 6  # CLIP-L, bigG
+    for part in ("unet", "te"):
+        assert r[f"{part}_base_rel_err"] < 1e-4  # control: the same base model (and conditioning) on both sides
+        assert r[f"{part}_delta_size"] > 1e-4  # the LoRA really changes the output...
+        assert r[f"{part}_delta_rel_err"] < 1e-3  # ...and by the same amount in ComfyUI
