@@ -405,14 +405,14 @@ def tiny_blip(comfy) -> str:
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "workflows", "*.json"))), ids=os.path.basename)
-def test_shipped_workflow_runs(comfy, photos, tiny_blip, locon_te_lora, metric_models, path):
+def test_shipped_workflow_runs(comfy, photos, tiny_blip, locon_te_lora, metric_models, toy_sdxl_checkpoint, path):
     with open(path, encoding="utf-8") as f:
         prompt = ui_to_api(json.load(f), comfy.object_info())
     stem = os.path.splitext(os.path.basename(path))[0]
     for node in prompt.values():  # the test's model, photos and sizes; everything else as shipped
         inputs, kind = node["inputs"], node["class_type"]
-        if "ckpt_name" in inputs:
-            inputs["ckpt_name"] = CKPT
+        if "ckpt_name" in inputs:  # SDXL workflows name an SDXL base
+            inputs["ckpt_name"] = CKPT_XL if "xl" in inputs["ckpt_name"].lower() else CKPT
         if kind == TRAIN:
             inputs.update(dataset_folder=photos, output_name=f"wf_{stem}", steps=2, resolution=64, rank=4, alpha=4.0,
                           resume=False)
