@@ -409,12 +409,14 @@ def test_shipped_workflow_runs(comfy, photos, tiny_blip, locon_te_lora, metric_m
     with open(path, encoding="utf-8") as f:
         prompt = ui_to_api(json.load(f), comfy.object_info())
     stem = os.path.splitext(os.path.basename(path))[0]
-    for node in prompt.values():  # the test's model, photos and sizes; everything else as shipped
+    trainers = [i for i, n in prompt.items() if n["class_type"] == TRAIN]
+    for node_id, node in prompt.items():  # the test's model, photos and sizes; everything else as shipped
         inputs, kind = node["inputs"], node["class_type"]
         if "ckpt_name" in inputs:  # SDXL workflows name an SDXL base
             inputs["ckpt_name"] = CKPT_XL if "xl" in inputs["ckpt_name"].lower() else CKPT
-        if kind == TRAIN:
-            inputs.update(dataset_folder=photos, output_name=f"wf_{stem}", steps=2, resolution=64, rank=4, alpha=4.0,
+        if kind == TRAIN:  # several trainers in one workflow: one file each
+            name = f"wf_{stem}" if len(trainers) == 1 else f"wf_{stem}_{node_id}"
+            inputs.update(dataset_folder=photos, output_name=name, steps=2, resolution=64, rank=4, alpha=4.0,
                           resume=False)
         if kind == TRAIN_TI:
             inputs.update(dataset_folder=photos, output_name=f"wf_{stem}", steps=2, resolution=64, resume=False)
@@ -443,8 +445,10 @@ def test_shipped_workflow_runs(comfy, photos, tiny_blip, locon_te_lora, metric_m
     for node_id, node in prompt.items():
         if node["class_type"] in ("SaveImage", "PreviewImage"):
             assert entry["outputs"][node_id]["images"], (node_id, entry["outputs"])
-    if any(n["class_type"] == TRAIN for n in prompt.values()):
+    if len(trainers) == 1:
         assert lora_files(comfy, f"wf_{stem}") == [f"wf_{stem}.safetensors"]
+    for node_id in trainers if len(trainers) > 1 else []:
+        assert lora_files(comfy, f"wf_{stem}_{node_id}") == [f"wf_{stem}_{node_id}.safetensors"]
     if any(n["class_type"] == TRAIN_DB and n["inputs"]["method"] == "dreambooth" for n in prompt.values()):
         assert os.path.isfile(os.path.join(comfy.model_folder("checkpoints"), f"wf_{stem}.safetensors"))
     if any(n["class_type"] == TRAIN_DB and n["inputs"]["method"] == "dreambooth_lora" for n in prompt.values()):
