@@ -579,3 +579,30 @@ def test_sdxl_lora_applied_by_comfyui_changes_unet_and_both_encoders_as_ours(com
         assert r[f"{part}_base_rel_err"] < 1e-4  # control: the same base model (and conditioning) on both sides
         assert r[f"{part}_delta_size"] > 1e-4  # the LoRA really changes the output...
         assert r[f"{part}_delta_rel_err"] < 1e-3  # ...and by the same amount in ComfyUI
+
+
+def test_sdxl_embedding_and_dreambooth_checkpoint_work_in_comfyui(comfy, photos, toy_sdxl_checkpoint):
+    """Textual inversion on SDXL (clip_l and clip_g vectors) used as embedding:<name>; DreamBooth on SDXL with prior
+    preservation, its checkpoint loaded by CheckpointLoaderSimple as SDXL and sampled."""
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_XL}},
+        "2": {"class_type": TRAIN_TI, "inputs": ti_inputs(photos, "it_emb_xl", ckpt_name=CKPT_XL)},
+        "3": {"class_type": "StringConcatenate", "inputs": {"string_a": ["2", 1], "string_b": "on the beach",
+                                                            "delimiter": " "}},
+        **sample_nodes(["1", 0], ["1", 1], ["1", 2]),
+    }
+    prompt["10"]["inputs"]["text"] = ["3", 0]
+    entry, log, seconds = run_prompt(comfy, prompt, timeout=900)
+    print(f"\nSDXL textual inversion through /prompt and sampling: {seconds:.1f} s")
+    assert_success(entry, log)
+    assert "does not exist" not in log and "shape mismatch" not in log, log[-3000:]
+
+    db = db_inputs(photos, "it_db_xl", ckpt_name=CKPT_XL, num_class_images=2)
+    entry, log, seconds = run_prompt(comfy, {"1": {"class_type": TRAIN_DB, "inputs": db}}, timeout=900)
+    print(f"SDXL DreamBooth through /prompt (2 class images, 2 steps): {seconds:.1f} s")
+    assert_success(entry, log)
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "it_db_xl.safetensors"}},
+              **sample_nodes(["1", 0], ["1", 1], ["1", 2])}
+    entry, log, _ = run_prompt(comfy, prompt)
+    assert_success(entry, log)
+    assert "SDXLClipModel" in log and entry["outputs"]["15"]["images"]
