@@ -194,3 +194,22 @@ def test_textual_inversion_trains_a_vector_set_per_encoder_saved_as_clip_l_and_c
         ids = tokenizer("dog", add_special_tokens=False).input_ids
         start = encoder.get_input_embeddings().weight[[ids[i % len(ids)] for i in range(2)]]
         assert not torch.allclose(saved[key], start), key  # each set trained away from its start
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_sampled_images_are_the_pipelines_own_decode_in_fp32(family, toy_sd1, toy_sdxl):
+    """Our fp32 decode outside autocast gives, in fp32, exactly the pipeline's own images."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from trainers.families.components import SD_SCHEDULER_CONFIG
+    from trainers.training.validation import sample_images
+
+    comps = toy_sd1 if family == "sd1" else toy_sdxl
+    ours = sample_images(comps, comps.unet, ["a photo of sks dog"], [7], resolution=64, steps=2,
+                         device=torch.device("cpu"))
+    scheduler = DPMSolverMultistepScheduler(**{k: v for k, v in SD_SCHEDULER_CONFIG.items() if k != "clip_sample"})
+    pipe = get_family(family).pipeline(comps, comps.unet, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(["a photo of sks dog"], height=64, width=64, num_inference_steps=2, guidance_scale=7.5,
+                  generator=[torch.Generator("cpu").manual_seed(7)]).images
+    assert list(ours[0].getdata()) == list(theirs[0].getdata())
