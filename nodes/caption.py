@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..trainers.core import host
 from .paths import folder_fingerprint, node_folder
+from .unload import UnloadNode
 
 CATEGORY = "Personalize/dataset"
 HUB_CHOICE = "(use hub id)"
@@ -146,29 +147,16 @@ class BlipCaptionFolder:
         return {"ui": {"text": [summary]}, "result": (summary, report.folder)}
 
 
-class UnloadBlip:
+class UnloadBlip(UnloadNode):
     DESCRIPTION = "Free the BLIP captioning model from memory (it otherwise stays loaded between runs)."
     CATEGORY = CATEGORY
-    FUNCTION = "unload"
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("status",)
-    OUTPUT_NODE = True
+    AFTER = "Connect a caption output to unload after it."
+    DONE, NOTHING = "BLIP unloaded.", "No BLIP model was loaded."
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {},
-                "optional": {"after": ("STRING", {"forceInput": True,
-                                                  "tooltip": "Connect a caption output to unload after it."})}}
-
-    @classmethod
-    def IS_CHANGED(cls, **kw):
-        return float("nan")
-
-    def unload(self, after=None):
+    def release(self) -> bool:
         from ..trainers.captioning import blip
 
-        status = "BLIP unloaded." if blip.unload() else "No BLIP model was loaded."
-        return {"ui": {"text": [status]}, "result": (status,)}
+        return blip.unload()
 
 
 NODE_CLASS_MAPPINGS = {

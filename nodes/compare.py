@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..trainers.core import host
 from .benchmark import COST
+from .unload import UnloadNode
 
 CATEGORY = "Personalize/compare"
 NONE = "(none)"
@@ -139,29 +140,16 @@ def _subject_photos(batch, folder: str) -> list:
     return photos
 
 
-class UnloadMetricModels:
+class UnloadMetricModels(UnloadNode):
     DESCRIPTION = "Free the CLIP, DINO and LPIPS models of Compare Models (they otherwise stay loaded between runs)."
     CATEGORY = CATEGORY
-    FUNCTION = "unload"
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("status",)
-    OUTPUT_NODE = True
+    AFTER = "Connect Compare Models' table to unload after it."
+    DONE, NOTHING = "Metric models unloaded.", "No metric model was loaded."
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {},
-                "optional": {"after": ("STRING", {"forceInput": True,
-                                                  "tooltip": "Connect Compare Models' table to unload after it."})}}
-
-    @classmethod
-    def IS_CHANGED(cls, **kw):
-        return float("nan")
-
-    def unload(self, after=None):
+    def release(self) -> bool:
         from ..trainers.evaluate import backbones
 
-        status = "Metric models unloaded." if backbones.unload() else "No metric model was loaded."
-        return {"ui": {"text": [status]}, "result": (status,)}
+        return backbones.unload()
 
 
 NODE_CLASS_MAPPINGS = {"PersonalizeCompareModels": CompareModels, "PersonalizeUnloadMetricModels": UnloadMetricModels}

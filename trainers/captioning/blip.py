@@ -146,12 +146,7 @@ def _load(source: str, local: bool, device: torch.device, dtype: torch.dtype) ->
 
 def unload() -> bool:
     """Free the cached model (the 'Unload BLIP' node); True if one was loaded."""
-    had = bool(_cache)
-    for captioner in _cache.values():
-        captioner.managed.release()
-        captioner.model = None
-    _cache.clear()
-    return had
+    return host.release_cached(_cache)
 
 
 # ----------------------------------------------------------------------------- captioning

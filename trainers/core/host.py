@@ -336,3 +336,14 @@ def sample_latents(model, positive, negative, latent: dict, *, seed: int, steps:
     noise = comfy.sample.prepare_noise(image, seed, latent.get("batch_index"))
     return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, image,
                                disable_pbar=True, seed=seed)
+
+
+def release_cached(cache: dict) -> bool:
+    """Release every loaded model in a module's cache ({key: holder with .managed and .model}) and empty it, for
+    an Unload node; True if one was loaded."""
+    had = bool(cache)
+    for holder in cache.values():
+        holder.managed.release()
+        holder.model = None
+    cache.clear()
+    return had

@@ -134,9 +134,4 @@ def _load(kind, spec, source: str, local: bool, device) -> Backbone:
 
 def unload() -> bool:
     """Free every cached encoder (the Unload Metric Models node); True if any was loaded."""
-    had = bool(_cache)
-    for backbone in _cache.values():
-        backbone.managed.release()
-        backbone.model = None
-    _cache.clear()
-    return had
+    return host.release_cached(_cache)

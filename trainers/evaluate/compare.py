@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 from ..core import host, safe_io
 from . import dreambench
-from .dreambench import Score
 
 METRICS = ("DINO", "CLIP-I", "CLIP-T", "DIV", "PRES")
 HIGHER_IS_BETTER = {"DINO": True, "CLIP-I": True, "CLIP-T": True, "DIV": True, "PRES": False}

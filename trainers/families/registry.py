@@ -94,7 +94,7 @@ def size_ids(item, target: tuple[int, int]) -> list[float]:
     height, width = target
     if item is None or getattr(item, "original_size", None) is None or getattr(item, "crop_box", None) is None:
         return [height, width, 0, 0, height, width]
-    (source_w, source_h), (left, top, right, bottom) = item.original_size, item.crop_box
+    (source_w, source_h), (left, top, right, _) = item.original_size, item.crop_box
     scale = width / max(right - left, 1)
     return [source_h, source_w, round(top * scale), round(left * scale), height, width]
 
