@@ -213,3 +213,31 @@ def test_sampled_images_are_the_pipelines_own_decode_in_fp32(family, toy_sd1, to
     theirs = pipe(["a photo of sks dog"], height=64, width=64, num_inference_steps=2, guidance_scale=7.5,
                   generator=[torch.Generator("cpu").manual_seed(7)]).images
     assert list(ours[0].getdata()) == list(theirs[0].getdata())
+
+
+def test_bucketed_batches_carry_each_images_size_ids(env, fresh_xl, tmp_path, monkeypatch):
+    from test_dataset_build import _bucket_folder, build
+    from trainers.families import registry
+
+    dataset = build(_bucket_folder(tmp_path / "src"), settings={"mode": "buckets", "bucket_step": 16})
+    sources = {it["caption"]: it for it in dataset.items}
+    seen = []
+    real = registry.SDXL.unet_kwargs
+
+    def spy(self, cond, batch=None):
+        kwargs = real(self, cond, batch)
+        seen.append((kwargs["added_cond_kwargs"]["time_ids"].tolist(), [it.caption for it in batch.items]))
+        return kwargs
+
+    monkeypatch.setattr(registry.SDXL, "unet_kwargs", spy)
+    train(cfg_for(env, dataset=dataset.path, trigger_word="", steps=8, resolution=64, batch_size=2),
+          components=fresh_xl())
+    assert len(seen) == 8
+    for time_ids, captions in seen:
+        for ids, caption in zip(time_ids, captions):
+            item = sources[caption]
+            (source_w, source_h), (left, top, right, _), (bucket_w, bucket_h) = \
+                item["source_size"], item["crop_box"], item["bucket"]
+            scale = bucket_w / (right - left)
+            assert ids == [source_h, source_w, round(top * scale), round(left * scale), bucket_h, bucket_w]
+    assert {tuple(ids[4:]) for time_ids, _ in seen for ids in time_ids} >= {(48, 80), (80, 48)}
