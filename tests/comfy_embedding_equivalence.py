@@ -6,7 +6,8 @@ Run with ComfyUI's interpreter, from the ComfyUI checkout (the integration tests
         --ckpt model.safetensors --embedding models/embeddings/name.safetensors --work /tmp/scratch
 
 ComfyUI: the checkpoint's CLIP with the embedding's folder, encoding "a photo of embedding:<name> on the beach".
-Ours: load_sd_components, the textual-inversion method set up from the file's metadata with the file's vectors,
+Ours: load_sd_components, the textual-inversion method set up from the file's metadata with the file's vectors
+(SDXL: one set per encoder, clip_l and clip_g; the conditioning compared is both encoders' states side by side),
 encoding the same prompt with the trigger word. A control prompt without the embedding is encoded by both too.
 Everything runs in fp32. It prints one line `EQUIVALENCE {json}`.
 """
@@ -33,7 +34,7 @@ def main(argv=None) -> dict:
     logging.getLogger().addHandler(collect)
     with safe_open(args.embedding, "pt") as f:
         meta = f.metadata() or {}
-        vectors = f.get_tensor(list(f.keys())[0]).float()
+        vectors = {key: f.get_tensor(key).float() for key in f.keys()}  # SD1: emb_params; SDXL: clip_l, clip_g
     name = os.path.splitext(os.path.basename(args.embedding))[0]
     control = PROMPT.format(meta["personalize.init_word"])
 
@@ -58,21 +59,25 @@ def main(argv=None) -> dict:
     from trainers.methods.textual_inversion import TextualInversionMethod
 
     comps = load_sd_components(args.ckpt, tokenizer_dir=os.path.join(comfy_dir, "comfy", "sd1_tokenizer"))
-    comps.text_encoder.eval()
+    for encoder in comps.text_encoders:
+        encoder.eval()
     family = get_family(comps.family)
+    count = len(next(iter(vectors.values())))
     with torch.no_grad():
         ours_control = family.encode(comps, [control]).states.float()
     method = TextualInversionMethod(TrainConfig(method="textual_inversion", trigger_word=meta["personalize.token"],
-                                                init_word=meta["personalize.init_word"], num_vectors=len(vectors)))
+                                                init_word=meta["personalize.init_word"], num_vectors=count))
     method.setup(comps)
     with torch.no_grad():
-        method.spliced[0].vectors.copy_(vectors)
+        for spliced, key in zip(method.spliced, family.embedding_keys):
+            spliced.vectors.copy_(vectors[key])
         ours_emb = family.encode(comps, [method.prompt(PROMPT.format(meta["personalize.token"]))]).states.float()
 
     results["control_rel_err"] = rel(comfy_control, ours_control)  # the same base CLIP on both sides
     results["embedding_rel_err"] = rel(comfy_emb, ours_emb)
     results["embedding_effect"] = rel(ours_emb, ours_control)  # the embedding is not the init word
-    results["file_vectors"] = len(vectors)
+    results["file_vectors"] = count
+    results["file_keys"] = sorted(vectors)
     print("EQUIVALENCE " + json.dumps(results), flush=True)
     return results
 

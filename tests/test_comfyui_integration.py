@@ -581,7 +581,7 @@ def test_sdxl_lora_applied_by_comfyui_changes_unet_and_both_encoders_as_ours(com
         assert r[f"{part}_delta_rel_err"] < 1e-3  # ...and by the same amount in ComfyUI
 
 
-def test_sdxl_embedding_and_dreambooth_checkpoint_work_in_comfyui(comfy, photos, toy_sdxl_checkpoint):
+def test_sdxl_embedding_and_dreambooth_checkpoint_work_in_comfyui(comfy, photos, toy_sdxl_checkpoint, tmp_path):
     """Textual inversion on SDXL (clip_l and clip_g vectors) used as embedding:<name>; DreamBooth on SDXL with prior
     preservation, its checkpoint loaded by CheckpointLoaderSimple as SDXL and sampled."""
     prompt = {
@@ -596,6 +596,12 @@ def test_sdxl_embedding_and_dreambooth_checkpoint_work_in_comfyui(comfy, photos,
     print(f"\nSDXL textual inversion through /prompt and sampling: {seconds:.1f} s")
     assert_success(entry, log)
     assert "does not exist" not in log and "shape mismatch" not in log, log[-3000:]
+    path = os.path.join(comfy.model_folder("embeddings"), "it_emb_xl.safetensors")
+    r = run_equivalence(comfy, "comfy_embedding_equivalence.py", toy_sdxl_checkpoint, tmp_path, "--embedding", path)
+    print("SDXL embedding equivalence: " + ", ".join(f"{k}={v}" for k, v in r.items()))
+    assert r["file_keys"] == ["clip_g", "clip_l"] and r["missing_warnings"] == []
+    assert r["comfy_embedding_vectors"] == r["file_vectors"] == 2
+    assert r["control_rel_err"] < 1e-4 and r["embedding_effect"] > 1e-4 and r["embedding_rel_err"] < 1e-4
 
     db = db_inputs(photos, "it_db_xl", ckpt_name=CKPT_XL, num_class_images=2)
     entry, log, seconds = run_prompt(comfy, {"1": {"class_type": TRAIN_DB, "inputs": db}}, timeout=900)
