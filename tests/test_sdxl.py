@@ -57,9 +57,10 @@ def test_size_ids_follow_each_images_source_and_crop():
     assert kwargs["added_cond_kwargs"]["text_embeds"] is cond.pooled
 
 
-def test_lora_on_both_encoders_trains_and_every_key_names_an_sgm_module(env, fresh_xl):
-    result = train(cfg_for(env, steps=3, train_text_encoder=True, preset="kohya", text_encoder_lr=1e-3),
-                   components=fresh_xl())
+@pytest.mark.parametrize("network", ["lora", "loha", "lokr"])
+def test_lora_on_both_encoders_trains_and_every_key_names_an_sgm_module(env, fresh_xl, network):
+    result = train(cfg_for(env, steps=3, train_text_encoder=True, preset="kohya", text_encoder_lr=1e-3,
+                           network=network, output_name=f"xl_{network}"), components=fresh_xl())
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.log)
     with safe_open(result.lora_path, "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
