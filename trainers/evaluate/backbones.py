@@ -9,6 +9,7 @@ move it off the GPU when other models need room (host.ManagedModule), as for BLI
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -97,8 +98,6 @@ def load_backbone(kind: str, name_or_path: str = "", device=None) -> Backbone:
 
 
 def _load(kind, spec, source: str, local: bool, device) -> Backbone:
-    import os
-
     name = os.path.basename(source.rstrip("/\\")) if local else source
     if kind == "lpips":
         from .lpips import load_lpips

@@ -20,7 +20,6 @@ from ..core import host, safe_io
 from . import dreambench
 
 METRICS = ("DINO", "CLIP-I", "CLIP-T", "DIV", "PRES")
-HIGHER_IS_BETTER = {"DINO": True, "CLIP-I": True, "CLIP-T": True, "DIV": True, "PRES": False}
 PHOTOS = "subject photos"
 
 

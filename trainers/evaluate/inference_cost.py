@@ -6,6 +6,7 @@ timed calls (sampled every 10 ms, since the process-lifetime peak cannot be rese
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -110,12 +111,5 @@ def file_figures(path: str) -> dict:
 
     with open(path, "rb") as f:
         entries, _, _ = read_header(f)
-    count = sum(_numel(e["shape"]) for name, e in entries.items() if not name.endswith(".alpha"))
+    count = sum(math.prod(e["shape"]) for name, e in entries.items() if not name.endswith(".alpha"))
     return {"file MB": round(os.path.getsize(path) / 2 ** 20, 2), "parameters": count}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
