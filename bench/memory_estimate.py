@@ -126,6 +126,8 @@ def main():
             ("dreambooth_lora rank 8, UNet attention", dict(method="lora"))]
     rows += [("SDXL 1024 px, LoRA rank 8, UNet only, batch 1",
               dict(method="lora", sdxl=True, batch=1, resolution=1024)),
+             ("SDXL 1024 px, LoRA rank 8, no gradient checkpointing",
+              dict(method="lora", sdxl=True, batch=1, resolution=1024, checkpointing=False)),
              ("SDXL 1024 px, dreambooth, UNet, batch 1 + 1", dict(method="full", sdxl=True, resolution=1024))]
     print("SD1.5 at 512 px, batch 1 photo + 1 class image (SDXL rows as labelled), bf16 autocast, fp32 trained "
           "weights, gradient checkpointing unless said; peak tensor memory of a step on the GPU (GiB)")

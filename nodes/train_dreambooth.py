@@ -50,6 +50,7 @@ class TrainDreamBooth(TrainerNode):
                           save_every={"default": 250}, keep_checkpoints={"default": 1}),
                 "dataset": DATASET_INPUT,
                 **vae_input(),
+                **widgets("which_text_encoders"),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

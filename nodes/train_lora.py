@@ -31,6 +31,7 @@ class TrainLoRA(TrainerNode):
                           "resume", "network", "lokr_factor", "conv_rank", "conv_alpha"),
                 "dataset": DATASET_INPUT,
                 **vae_input(),
+                **widgets("which_text_encoders"),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

@@ -551,7 +551,8 @@ def sdxl_lora(comfy, photos, toy_sdxl_checkpoint) -> dict:
     entry, log, seconds = run_prompt(comfy, prompt, timeout=900)
     print(f"\nSDXL LoRA (kohya preset, both text encoders, 2 steps) + apply + sample: {seconds:.1f} s")
     assert_success(entry, log)
-    return {"path": os.path.join(comfy.model_folder("loras"), "it_sdxl.safetensors"), "log": log}
+    return {"path": os.path.join(comfy.model_folder("loras"), "it_sdxl.safetensors"), "log": log,
+            "summary": "\n".join(entry["outputs"]["2"]["text"])}
 
 
 def test_sdxl_lora_trained_through_prompt_applies_every_key_in_comfyui(sdxl_lora):
@@ -566,12 +567,40 @@ def test_sdxl_lora_trained_through_prompt_applies_every_key_in_comfyui(sdxl_lora
     assert {k.split("_")[1] for k in keys} == {"unet", "te1", "te2"}
     assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") for k in keys)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    # The node says what an SDXL base means for its settings (here a typed 64 px, far below SDXL's own size).
+    assert "SDXL base: resolution 64 px as set, but SDXL was trained at 1024 px" in sdxl_lora["summary"]
 
 
-def test_sdxl_lora_applied_by_comfyui_changes_unet_and_both_encoders_as_ours(comfy, sdxl_lora, toy_sdxl_checkpoint,
-                                                                            tmp_path):
-    r = run_equivalence(comfy, "comfy_lora_equivalence.py", toy_sdxl_checkpoint, tmp_path, "--lora", sdxl_lora["path"])
-    print("\nSDXL equivalence: " + ", ".join(f"{k}={v:.2e}" for k, v in r.items() if k.endswith(("_err", "_size"))))
+def test_the_canvas_asks_the_server_what_a_picked_base_means(comfy, toy_sdxl_checkpoint):
+    """web/personalize.js calls this route when ckpt_name, resolution or a memory setting changes."""
+    import urllib.error
+    from urllib.parse import urlencode
+
+    body = comfy.get("/api/personalize/base_model?" + urlencode({"name": CKPT_XL, "resolution": 0,
+                                                                 "gradient_checkpointing": "true"}))
+    assert body["family"] == "sdxl" and body["native_resolution"] == 1024
+    assert body["note"].startswith("SDXL base: training at 1024 px, its own size (resolution 0).")
+    assert comfy.get("/personalize/base_model?" + urlencode({"name": CKPT}))["family"] == "sd1"
+    with pytest.raises(urllib.error.HTTPError) as refused:  # only names inside models/checkpoints are read
+        comfy.get("/api/personalize/base_model?" + urlencode({"name": "../../comfy/sd1_tokenizer/vocab.json"}))
+    assert refused.value.code == 404
+
+
+@pytest.mark.parametrize("network", ["lora", "loha", "lokr"])
+def test_sdxl_lora_applied_by_comfyui_changes_unet_and_both_encoders_as_ours(comfy, photos, sdxl_lora,
+                                                                            toy_sdxl_checkpoint, tmp_path, network):
+    path = sdxl_lora["path"]
+    if network != "lora":  # LyCORIS on SDXL: trained through /prompt too, both encoders, alpha != rank
+        name = f"it_sdxl_{network}"
+        entry, log, _ = run_prompt(comfy, {"1": {"class_type": TRAIN, "inputs": train_inputs(
+            photos, name, ckpt_name=CKPT_XL, network=network, preset="kohya", train_text_encoder=True, steps=2,
+            alpha=2.0)}}, timeout=900)
+        assert_success(entry, log)
+        path = os.path.join(comfy.model_folder("loras"), name + ".safetensors")
+    r = run_equivalence(comfy, "comfy_lora_equivalence.py", toy_sdxl_checkpoint, tmp_path, "--lora", path)
+    print(f"\nSDXL {network} equivalence: "
+          + ", ".join(f"{k}={v:.2e}" for k, v in r.items() if k.endswith(("_err", "_size"))))
+    assert r["network"] == network
     assert r["keys_not_loaded"] == [] and r["unused_stems"] == []
     assert r["comfy_unet_patches"] == r["file_unet_stems"] == r["ours_unet_modules"] > 0
     assert r["comfy_clip_patches"] == r["file_te_stems"] == r["ours_te_modules"] == (12 + 32) * 6  # CLIP-L, bigG

@@ -79,7 +79,7 @@ def test_each_trainer_shows_its_own_group_only():
     ({"rank": 0}, "lora.rank must be at least 1"),
     ({"num_vectors": 99}, "textual_inversion.num_vectors must be at most 16"),
     ({"optimizer": "sgd"}, "optimizer='sgd' is not one of adamw, adamw8bit, prodigy"),
-    ({"resolution": 32}, "resolution must be at least 64"),
+    ({"resolution": 32}, "resolution 32 must be a multiple of 8 and at least 64"),
     ({"resolution": 100}, "resolution 100 must be a multiple of 8"),
 ])
 def test_a_bad_value_is_an_error_naming_the_field_where_it_sits(settings, message):

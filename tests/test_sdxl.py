@@ -79,6 +79,22 @@ def test_lora_on_both_encoders_trains_and_every_key_names_an_sgm_module(env, fre
     assert meta["modelspec.architecture"].startswith("stable-diffusion-xl-v1-base")
 
 
+def test_a_lora_on_one_sdxl_encoder_trains_and_saves_that_encoder_alone(env, fresh_xl, toy_sd1):
+    from trainers.core.config import ConfigError
+
+    comps = fresh_xl()
+    before = copy.deepcopy(comps.text_encoder.state_dict())
+    result = train(cfg_for(env, steps=2, train_text_encoder=True, which_text_encoders="clip_g", text_encoder_lr=1e-3,
+                           output_name="xl_te2"), components=comps)
+    with safe_open(result.lora_path, "pt") as f:
+        prefixes = {k.split("_")[1] for k in f.keys()}
+    assert prefixes == {"unet", "te2"}  # OpenCLIP-G's adapters only, still named te2
+    assert all(torch.equal(v, comps.text_encoder.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ConfigError, match="one text encoder, CLIP-L"):
+        train(cfg_for(env, steps=1, train_text_encoder=True, which_text_encoders="clip_g", output_name="sd1_te2"),
+              components=copy.deepcopy(toy_sd1))
+
+
 def test_a_few_lora_steps_lower_the_denoising_loss_on_the_images(env, fresh_xl):
     from trainers.data.caches import LatentCache
     from trainers.data.items import scan_folder
@@ -145,9 +161,9 @@ def test_a_refiner_is_refused_with_what_it_is(toy_sdxl, toy_tokenizer_dir, tmp_p
         load_sd_components(path, tokenizer_dir=toy_tokenizer_dir)
 
 
-@pytest.mark.parametrize("with_te", [False, True])
+@pytest.mark.parametrize("which", ["", "all", "clip_g"])
 def test_dreambooth_on_sdxl_saves_an_sgm_checkpoint_that_keeps_untrained_tensors_and_reloads(
-        env, toy_sdxl, toy_tokenizer_dir, tmp_path, with_te):
+        env, toy_sdxl, toy_tokenizer_dir, tmp_path, which):
     from trainers.core.safetensors_file import read
     from trainers.families.model_loading import load_sd_components
     from trainers.testing.toy_models import save_single_file
@@ -155,19 +171,21 @@ def test_dreambooth_on_sdxl_saves_an_sgm_checkpoint_that_keeps_untrained_tensors
     base_path = save_single_file(toy_sdxl, str(tmp_path / "base_xl.safetensors"), dtype=torch.float16)
     comps = load_sd_components(base_path, tokenizer_dir=toy_tokenizer_dir)
     result = train(cfg_for(env, method="dreambooth", steps=2, unet_lr=1e-3, class_prompt="", output_name="db_xl",
-                           save_precision="fp32", train_text_encoder=with_te, text_encoder_lr=1e-3),
-                   components=comps)
+                           save_precision="fp32", train_text_encoder=bool(which), which_text_encoders=which or "all",
+                           text_encoder_lr=1e-3), components=comps)
     saved, _ = read(result.artifact.path)
     base, _ = read(base_path)
     assert set(saved) == set(base)
-    trained = ("model.diffusion_model.", "conditioner.") if with_te else ("model.diffusion_model.",)
+    encoders = {"": (), "all": ("conditioner.",), "clip_g": ("conditioner.embedders.1.",)}[which]
+    trained = ("model.diffusion_model.", *encoders)
     for key, tensor in base.items():
         if key.startswith(trained):
             assert saved[key].dtype == torch.float32, key
         else:  # VAE, and untrained text encoders, bit-exact in the base's own fp16
             assert saved[key].dtype == tensor.dtype and torch.equal(saved[key], tensor), key
-    changed = [k for k in base if k.startswith("conditioner.") and not torch.equal(saved[k].half(), base[k])]
-    assert bool(changed) == with_te
+    changed = {k.split(".")[2] for k in base if k.startswith("conditioner.") and not torch.equal(saved[k].half(),
+                                                                                                  base[k])}
+    assert changed == {"": set(), "all": {"0", "1"}, "clip_g": {"1"}}[which]  # conditioner.embedders.<i>
     reloaded = load_sd_components(result.artifact.path, tokenizer_dir=toy_tokenizer_dir)
     assert reloaded.family == "sdxl"
     assert torch.equal(reloaded.unet.state_dict()["conv_in.weight"], comps.unet.state_dict()["conv_in.weight"])
@@ -242,3 +260,67 @@ def test_bucketed_batches_carry_each_images_size_ids(env, fresh_xl, tmp_path, mo
             scale = bucket_w / (right - left)
             assert ids == [source_h, source_w, round(top * scale), round(left * scale), bucket_h, bucket_w]
     assert {tuple(ids[4:]) for time_ids, _ in seen for ids in time_ids} >= {(48, 80), (80, 48)}
+
+
+# ---- SDXL defaults on the nodes: resolution 0 is the base's own size, and the node says what it chose -------------
+
+def test_resolution_0_trains_at_the_families_own_size_and_the_run_says_so(env, fresh_xl, monkeypatch):
+    import json
+
+    from trainers.families import registry
+
+    monkeypatch.setattr(registry.SDXL, "native_resolution", 64)  # a tiny model's "own size", to keep this fast
+    result = train(cfg_for(env, steps=1, resolution=0, output_name="auto_xl"), components=fresh_xl())
+    with open(os.path.join(result.run_dir, "config.json")) as f:
+        assert json.load(f)["resolution"] == 64  # the run folder records the size it trained at
+    assert result.notes[0].startswith("SDXL base: training at 64 px, its own size (resolution 0).")
+    assert "Text encoders frozen, their outputs cached once." in result.notes[0]
+
+
+def test_the_sdxl_note_names_a_typed_size_below_1024_and_the_memory_setting():
+    from trainers.families.defaults import advice
+
+    note = advice(SDXL, 512, "", False)
+    assert note.startswith("SDXL base: resolution 512 px as set, but SDXL was trained at 1024 px") and "0 picks 1024" \
+        in note
+    assert "about 12.2 GB" in note and "5.7 GB with gradient_checkpointing on" in note
+    assert advice(SDXL, 1024, "all", True).startswith("SDXL base: training at 1024 px. Both text encoders train,")
+    assert "OpenCLIP-G trains (CLIP-L frozen)" in advice(SDXL, 1024, "clip_g", True)
+    assert advice(get_family("sd1"), 0, "", False) == ""  # SD1.x: 512 px has always been the default
+
+
+def test_a_files_family_is_read_from_its_header_alone(toy_sdxl, toy_sd1, tmp_path, toy_checkpoint):
+    from trainers.families.detect import family_of
+    from trainers.families.load_errors import ModelLoadError
+    from trainers.testing.toy_models import save_diffusers_folder, save_single_file
+
+    assert family_of(save_single_file(toy_sdxl, str(tmp_path / "xl.safetensors"))) == "sdxl"
+    assert family_of(toy_checkpoint) == "sd1"
+    assert family_of(save_diffusers_folder(toy_sdxl, str(tmp_path / "xl_folder"))) == "sdxl"
+    (tmp_path / "old.ckpt").write_bytes(b"pickle")
+    assert family_of(str(tmp_path / "old.ckpt")) == ""  # only unpickling could tell: the run will
+    from trainers.core.safetensors_file import write
+
+    write(str(tmp_path / "lora.safetensors"), {"lora_unet_x.lora_down.weight": torch.zeros(2, 2)})
+    with pytest.raises(ModelLoadError, match="a LoRA"):
+        family_of(str(tmp_path / "lora.safetensors"))
+
+
+def test_the_canvas_route_reads_only_checkpoints_and_returns_the_note(env, toy_sdxl):
+    import sys
+
+    from pack_loader import load_pack
+    from trainers.testing.toy_models import save_single_file
+
+    pack = load_pack().__name__  # the pack as ComfyUI imports it, with its own copy of the host adapter
+    routes = sys.modules[f"{pack}.nodes.routes"]
+    sys.modules[f"{pack}.trainers.core.host"].configure(models_dir=str(env["root"] / "models"))
+    folder = env["root"] / "models" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_single_file(toy_sdxl, str(folder / "xl.safetensors"))
+    status, body = routes.base_model_info({"name": "xl.safetensors", "resolution": "512",
+                                           "gradient_checkpointing": "true", "method": "lora"})
+    assert status == 200 and body["family"] == "sdxl" and body["native_resolution"] == 1024
+    assert "0 picks 1024" in body["note"] and "about 5.7 GB" in body["note"]
+    status, body = routes.base_model_info({"name": "../../photos/0.png"})
+    assert status == 404 and "checkpoints" in body["error"]

@@ -58,6 +58,10 @@ class TrainConfig:
                           choices=("lora", "dreambooth", "dreambooth_lora", "textual_inversion"))
     train_text_encoder: bool = setting(False, "Also train the CLIP text encoder (its network, or the whole encoder "
                                               "in DreamBooth): stronger likeness for faces, more overfitting risk.")
+    which_text_encoders: str = setting("all", "With train_text_encoder: which text encoders train. SDXL has two: clip_l "
+                                              "(CLIP ViT-L, te1) and clip_g (OpenCLIP bigG, te2, the larger); the "
+                                              "other stays frozen. SD1.x has one, CLIP-L.",
+                                       choices=("all", "clip_l", "clip_g"))
     text_encoder_lr: float = setting(5e-5, "Text-encoder learning rate, when it is trained.", lo=0.0, hi=10.0, ui=_LR)
 
     # The adapter network of a LoRA run.
@@ -139,8 +143,8 @@ class TrainConfig:
                         hi=2**31 - 1)
 
     # Data.
-    resolution: int = setting(512, "Training resolution in pixels (multiple of 8). 512 for SD1.5.", lo=64, hi=2048,
-                              ui={"step": 8})
+    resolution: int = setting(0, "Training resolution in pixels (a multiple of 8). 0: the base model's own size, "
+                                 "512 for SD1.x and 1024 for SDXL.", lo=0, hi=2048, ui={"step": 8})
     crop: str = setting("center", "center: a fixed square crop; random: a new square window each step (non-square "
                                   "photos).", choices=("center", "random"))
     flip: bool = setting(False, "Random horizontal flips. Off for faces/text that are not symmetric.")
@@ -192,10 +196,10 @@ class TrainConfig:
             raise ConfigError("base_model is empty: pick a checkpoint from models/checkpoints.")
         if not self.dataset:
             raise ConfigError("dataset is empty: give the folder holding your training images.")
-        if self.resolution % 8:
-            lo = self.resolution // 8 * 8
-            raise ConfigError(f"resolution {self.resolution} must be a multiple of 8 and at least 64: "
-                              f"use {lo} or {lo + 8}.")
+        if self.resolution and (self.resolution % 8 or self.resolution < 64):
+            lo = max(self.resolution // 8 * 8, 64)
+            raise ConfigError(f"resolution {self.resolution} must be a multiple of 8 and at least 64 (or 0: the base "
+                              f"model's own size): use {lo} or {lo + 8}.")
         if self.lokr_factor == 0:
             raise ConfigError(f"lokr_factor must be -1 (automatic) or at least 1 (got {self.lokr_factor}).")
         if self.method == "textual_inversion":

@@ -210,6 +210,25 @@ def _send_progress_text(text: str) -> None:
         pass
 
 
+def add_json_route(path: str, handler) -> bool:
+    """Serve GET `path` on ComfyUI's server (and /api`path`, as ComfyUI mirrors every route): `handler(query)` with
+    the query string as a dict returns (HTTP status, JSON-able body). False outside ComfyUI: nothing to serve."""
+    try:
+        from aiohttp import web  # type: ignore
+        from server import PromptServer  # type: ignore
+
+        routes = PromptServer.instance.routes
+    except Exception:
+        return False
+
+    async def handle(request):
+        status, body = handler(dict(request.rel_url.query))
+        return web.json_response(body, status=status)
+
+    routes.get(path)(handle)
+    return True
+
+
 def request_interrupt() -> None:
     """Ask a running job to stop at its next step (used outside ComfyUI and by tests)."""
     _interrupt.set()

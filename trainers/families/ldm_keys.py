@@ -231,18 +231,19 @@ def _part_to_diffusers(state_dict: dict, part: str, prefix: str, mapping: dict) 
 
 
 PARTS = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}  # model -> its LDM key prefix
-SDXL_TEXT_PREFIX = "conditioner."  # both SDXL text encoders (sdxl_text_keys)
+SDXL_TEXT_PREFIXES = {"text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1."}
+ALL_PARTS = (*PARTS, "text_encoder_2")  # SDXL's second text encoder (OpenCLIP-G) is a part of its own
 
 
 def part_prefix(components, part: str) -> str:
     """Where a part's keys live in this model's single file."""
     sdxl = getattr(components, "text_encoder_2", None) is not None
-    return SDXL_TEXT_PREFIX if part == "text_encoder" and sdxl else PARTS[part]
+    return SDXL_TEXT_PREFIXES[part] if sdxl and part in SDXL_TEXT_PREFIXES else PARTS[part]
 
 
-def diffusers_to_ldm(components, dtype=None, parts=tuple(PARTS)) -> dict:
+def diffusers_to_ldm(components, dtype=None, parts=ALL_PARTS) -> dict:
     """One LDM single-file state dict from diffusers components (anything with unet, vae, text_encoder), or
-    only these `parts` of it."""
+    only these `parts` of it (SDXL: "text_encoder" is CLIP-L, "text_encoder_2" OpenCLIP-G)."""
     out = {}
     for part in ("unet", "vae"):
         if part not in parts:
@@ -257,10 +258,13 @@ def diffusers_to_ldm(components, dtype=None, parts=tuple(PARTS)) -> dict:
             if part == "vae" and _is_vae_projection(key) and tensor.ndim == 2:
                 tensor = tensor.reshape(*tensor.shape, 1, 1)
             out[PARTS[part] + mapping[key]] = tensor
-    if "text_encoder" in parts and getattr(components, "text_encoder_2", None) is not None:  # SDXL: CLIP-L, -G
-        from .sdxl_text_keys import sdxl_text_to_ldm
+    if getattr(components, "text_encoder_2", None) is not None:  # SDXL: CLIP-L, OpenCLIP-G
+        from .sdxl_text_keys import clip_g_to_ldm, clip_l_to_ldm
 
-        out.update(sdxl_text_to_ldm(components.text_encoder.state_dict(), components.text_encoder_2.state_dict()))
+        if "text_encoder" in parts:
+            out.update(clip_l_to_ldm(components.text_encoder.state_dict()))
+        if "text_encoder_2" in parts:
+            out.update(clip_g_to_ldm(components.text_encoder_2.state_dict()))
     elif "text_encoder" in parts:
         for key, tensor in components.text_encoder.state_dict().items():
             if not key.endswith("position_ids"):  # a buffer rebuilt by every loader

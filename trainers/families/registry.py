@@ -13,6 +13,8 @@ from .conditioning import Conditioning
 
 class SD1:
     name = "sd1"
+    label = "SD1.x"
+    native_resolution = 512  # the size the base was trained at: resolution 0 (auto) trains at it
     base_model_version = "sd_v1"  # kohya's ss_base_model_version
     architecture = "stable-diffusion-v1"  # modelspec.architecture prefix
     embedding_keys = ("emb_params",)  # an embedding file's tensor per text encoder, as A1111 and ComfyUI read it
@@ -46,6 +48,8 @@ class SD1:
 
 class SDXL(SD1):
     name = "sdxl"
+    label = "SDXL"
+    native_resolution = 1024
     base_model_version = "sdxl_base_v1-0"
     architecture = "stable-diffusion-xl-v1-base"
     embedding_keys = ("clip_l", "clip_g")  # ComfyUI's and A1111's per-encoder keys of an SDXL embedding

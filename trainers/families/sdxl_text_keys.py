@@ -239,7 +239,14 @@ def sdxl_text_to_ldm(clip_l_state: dict, clip_g_state: dict) -> dict:
     CLIP-L keys are written with `text_model.` as SDXL files have them; no `position_ids`, no
     CLIP-L `text_projection` and no `logit_scale` are written.
     """
-    bare = _clip_l_bare(clip_l_state, "")
-    out = {f"{CLIP_L_PREFIX}{TEXT_MODEL}{k}": v for k, v in bare.items()}
-    out.update({CLIP_G_PREFIX + k: v for k, v in hf_to_clip_g(clip_g_state).items()})
-    return out
+    return {**clip_l_to_ldm(clip_l_state), **clip_g_to_ldm(clip_g_state)}
+
+
+def clip_l_to_ldm(clip_l_state: dict) -> dict:
+    """CLIP-L alone, as in sdxl_text_to_ldm."""
+    return {f"{CLIP_L_PREFIX}{TEXT_MODEL}{k}": v for k, v in _clip_l_bare(clip_l_state, "").items()}
+
+
+def clip_g_to_ldm(clip_g_state: dict) -> dict:
+    """CLIP-G alone, as in sdxl_text_to_ldm."""
+    return {CLIP_G_PREFIX + k: v for k, v in hf_to_clip_g(clip_g_state).items()}

@@ -1,6 +1,6 @@
 """The method seam: the hooks the training loop calls, and their defaults.
 
-The loop is one loop for every method. It calls only these: `trains_text_encoder`, `streams` (image streams
+The loop is one loop for every method. It calls only these: `trained_text_encoders`, `streams` (image streams
 besides the dataset), `setup` (what is trained), `prompt` (a validation prompt as the method's model reads it),
 `metrics` (values logged beside the loss), `batch` (what a micro-step trains on, with per-sample loss weights), `loss` (the per-sample
 diffusion loss reduced to the scalar that is backpropagated), `after_step` (work after each optimizer
@@ -51,9 +51,10 @@ class TrainingMethod:
     def __init__(self, cfg):
         self.cfg = cfg
 
-    @property
-    def trains_text_encoder(self) -> bool:
-        return False
+    def trained_text_encoders(self, comps) -> list:
+        """The text encoders whose outputs change in training: they run every step (no caption cache) and are
+        wrapped for gradient sync. None by default."""
+        return []
 
     def setup(self, comps) -> list[dict]:
         """Make the trained parameters trainable; returns optimizer parameter groups with their learning rates."""
@@ -100,6 +101,23 @@ class TrainingMethod:
     def export(self, comps, family, *, captions, dataset_dir, steps, started) -> Artifact:
         """Write what the run produces (main process only); returns it as an Artifact."""
         raise NotImplementedError
+
+
+def chosen_text_encoders(cfg, comps) -> list:
+    """The text encoders `train_text_encoder` trains: every one, or SDXL's CLIP-L or OpenCLIP-G alone
+    (cfg.which_text_encoders)."""
+    if not cfg.train_text_encoder:
+        return []
+    encoders = comps.text_encoders
+    if cfg.which_text_encoders == "all":
+        return list(encoders)
+    index = {"clip_l": 0, "clip_g": 1}[cfg.which_text_encoders]
+    if index >= len(encoders):
+        from ..core.config import ConfigError
+
+        raise ConfigError(f"which_text_encoders={cfg.which_text_encoders}: this base model has one text encoder, "
+                          f"CLIP-L (clip_g is SDXL's second); choose all or clip_l.")
+    return [encoders[index]]
 
 
 def save_model_file(folder: str, cfg, default: str, tensors: dict, metadata: dict) -> str:

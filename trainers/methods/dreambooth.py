@@ -11,7 +11,7 @@ from ..core.modelspec import modelspec
 from ..core.dtypes import DTYPES
 from ..training.resume import trainable_params
 from . import class_images
-from .base import Artifact, Batch, TrainingMethod, save_model_file
+from .base import Artifact, Batch, TrainingMethod, chosen_text_encoders, save_model_file
 from .lora import LoraMethod
 
 
@@ -71,18 +71,18 @@ class DreamBoothMethod(PriorPreservation, TrainingMethod):
 
     name = "dreambooth"
 
-    @property
-    def trains_text_encoder(self) -> bool:
-        return self.cfg.train_text_encoder
+    def trained_text_encoders(self, comps) -> list:
+        return chosen_text_encoders(self.cfg, comps)
 
     def setup(self, comps) -> list[dict]:
         comps.vae.requires_grad_(False)
         comps.unet.requires_grad_(True)
         groups = [{"params": list(comps.unet.parameters()), "lr": self.cfg.unet_lr}]
+        trained = chosen_text_encoders(self.cfg, comps)
         for encoder in comps.text_encoders:
-            encoder.requires_grad_(self.cfg.train_text_encoder)
-            if self.cfg.train_text_encoder:
-                groups.append({"params": list(encoder.parameters()), "lr": self.cfg.text_encoder_lr})
+            encoder.requires_grad_(any(encoder is t for t in trained))
+        for encoder in trained:
+            groups.append({"params": list(encoder.parameters()), "lr": self.cfg.text_encoder_lr})
         # The EMA starts from the base weights, as diffusers' EMAModel does; it follows them to their device.
         self._ema = {k: p.detach().clone().float() for k, p in trainable_params(comps).items()} \
             if self.cfg.ema_decay else None
@@ -113,7 +113,8 @@ class DreamBoothMethod(PriorPreservation, TrainingMethod):
             with torch.no_grad():
                 for name, p in trainable_params(comps).items():
                     p.copy_(self._ema[name])
-        trained = ("unet", "text_encoder") if cfg.train_text_encoder else ("unet",)
+        trained = tuple(name for name, model in comps.named_models()  # the UNet and the encoders that trained
+                        if any(p.requires_grad for p in model.parameters()))
         tensors = checkpoint_tensors(comps, trained, DTYPES[cfg.save_precision])
         meta = {
             **config_hints(comps),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..core.dtypes import DTYPES
 from ..networks import registry, targets
 from ..networks.lora_metadata import lora_metadata
-from .base import Artifact, TrainingMethod, save_model_file
+from .base import Artifact, TrainingMethod, chosen_text_encoders, save_model_file
 
 
 class LoraMethod(TrainingMethod):
@@ -17,9 +17,8 @@ class LoraMethod(TrainingMethod):
         super().__init__(cfg)
         self.network = registry.get(cfg.network)
 
-    @property
-    def trains_text_encoder(self) -> bool:
-        return self.cfg.train_text_encoder
+    def trained_text_encoders(self, comps) -> list:
+        return chosen_text_encoders(self.cfg, comps)
 
     def setup(self, comps) -> list[dict]:
         """Attach the adapters; returns optimizer parameter groups with their learning rates."""
@@ -31,11 +30,10 @@ class LoraMethod(TrainingMethod):
         unet_targets = targets.unet_targets(comps.unet, cfg.preset)
         groups = [{"params": net.attach(comps.unet, unet_targets, cfg.rank, cfg.alpha, cfg.lokr_factor,
                                         cfg.conv_rank, cfg.conv_alpha), "lr": cfg.unet_lr}]
-        if cfg.train_text_encoder:
-            for encoder in comps.text_encoders:
-                te_targets = targets.text_encoder_targets(encoder)
-                groups.append({"params": net.attach(encoder, te_targets, cfg.rank, cfg.alpha, cfg.lokr_factor),
-                               "lr": cfg.text_encoder_lr})
+        for encoder in chosen_text_encoders(cfg, comps):
+            te_targets = targets.text_encoder_targets(encoder)
+            groups.append({"params": net.attach(encoder, te_targets, cfg.rank, cfg.alpha, cfg.lokr_factor),
+                           "lr": cfg.text_encoder_lr})
         return groups
 
     def export(self, comps, family, *, captions, dataset_dir, steps, started) -> Artifact:

@@ -42,9 +42,8 @@ class TextualInversionMethod(TrainingMethod):
 
     name = "textual_inversion"
 
-    @property
-    def trains_text_encoder(self) -> bool:
-        return True  # its output depends on the trained vectors, so it runs every step (no caption cache)
+    def trained_text_encoders(self, comps) -> list:
+        return list(comps.text_encoders)  # their outputs depend on the trained vectors: they run every step
 
     def tokens(self) -> list[str]:
         """The placeholder tokens the trigger word stands for: <sks>, <sks>_1, ... (one per vector)."""

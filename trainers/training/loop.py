@@ -22,6 +22,7 @@ from ..core.config import TrainConfig
 from ..core.dtypes import DTYPES
 from ..core.run_dir import RunDir, find_resumable, new_run
 from ..data import caches, items as data_items
+from ..families import defaults as family_defaults
 from ..families.registry import get_family
 from ..methods.base import Artifact, TrainData
 from ..methods.registry import get_method
@@ -59,12 +60,14 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     host.free_memory()
     # The base model and the dataset come first: which run may be resumed depends on both.
     comps = components or _load_base(cfg)
+    family = get_family(comps.family)
+    cfg, chosen = family_defaults.apply(cfg, family)  # resolution 0: the family's own size
     items = data_items.scan_folder(cfg.dataset, trigger_word=cfg.trigger_word, caption=cfg.instance_prompt)
     built_at = data_items.built_resolution(cfg.dataset)
     identity = _identity(cfg, items, comps)
     notes = []
     run, checkpoints, passed_over = _open_run(cfg, accelerator, identity)
-    _note(accelerator, notes, *passed_over)
+    _note(accelerator, notes, *chosen, *passed_over)
     if checkpoints:
         cfg = _resumed_config(cfg, run, accelerator)
     if cfg.vae:
@@ -72,7 +75,6 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     _log_main(accelerator, "run %s on %s (%d process(es))%s", run.path, device, accelerator.num_processes,
               ", resuming it" if checkpoints else "")
 
-    family = get_family(comps.family)
     method = get_method(cfg)
     items, scaled = batches.fit_buckets(items, built_at, cfg.resolution)
     _note(accelerator, notes, *scaled)
@@ -93,8 +95,9 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the same seed gives the same initial adapter weights
         groups = method.setup(comps)
+    trained_encoders = method.trained_text_encoders(comps)
     captions = None
-    if not method.trains_text_encoder:  # frozen text encoders: encode every caption once
+    if not trained_encoders:  # frozen text encoders: encode every caption once
         for encoder in comps.text_encoders:
             encoder.to(device)
         with torch.no_grad():
@@ -103,22 +106,24 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
                                                  lambda texts: family.encode(comps, texts).to("cpu", torch.float32))
         for encoder in comps.text_encoders:
             encoder.to("cpu")
-    _to_training_dtype(comps, method, weight_dtype, device)
+    _to_training_dtype(comps, bool(trained_encoders), weight_dtype, device)
     if cfg.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
-        if method.trains_text_encoder:
-            for encoder in comps.text_encoders:
-                encoder.gradient_checkpointing_enable()
+        for encoder in trained_encoders:
+            encoder.gradient_checkpointing_enable()
 
     trainable = [p for g in groups for p in g["params"]]
     from .optim import make_optimizer, make_scheduler
 
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.weight_decay, device)
     scheduler = make_scheduler(cfg.lr_scheduler, optimizer, cfg.warmup_steps, cfg.steps)
-    encoders = comps.text_encoders if method.trains_text_encoder else []
-    prepared = accelerator.prepare(comps.unet, *encoders, optimizer)
+    prepared = accelerator.prepare(comps.unet, *trained_encoders, optimizer)
     unet, optimizer = prepared[0], prepared[-1]
-    text_encoders = list(prepared[1:-1])  # the trained ones, wrapped for gradient sync; [] when frozen
+    wrapped = list(prepared[1:-1])  # the trained encoders, wrapped for gradient sync
+    # What encodes a batch's captions: every encoder, the trained ones through their wrappers; [] when all are
+    # frozen (the caption cache answers).
+    wrapper = {id(t): w for t, w in zip(trained_encoders, wrapped)}
+    text_encoders = [wrapper.get(id(e), e) for e in comps.text_encoders] if trained_encoders else []
 
     start_step = 0
     if checkpoints:
@@ -142,7 +147,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     validation_image = None
     started = time.time()
     step = start_step
-    for model in (unet, *text_encoders):
+    for model in (unet, *wrapped):
         model.train()
 
     data = TrainData(items=items, latents=latents, accelerator=accelerator, streams=stream_data)
@@ -317,11 +322,12 @@ def _load_vae(name: str, like):
     return load_vae_file(path, like)
 
 
-def _to_training_dtype(comps, method, weight_dtype, device):
-    """Frozen weights in the compute dtype; trainable ones stay fp32 (no fp16 grads to unscale)."""
+def _to_training_dtype(comps, encoders_run: bool, weight_dtype, device):
+    """Frozen weights in the compute dtype; trainable ones stay fp32 (no fp16 grads to unscale). The text encoders
+    go to the device when they run every step (`encoders_run`)."""
     cast = {} if weight_dtype == torch.float32 else {"dtype": weight_dtype}
     comps.unet.to(device, **cast)
-    if method.trains_text_encoder:
+    if encoders_run:
         for encoder in comps.text_encoders:
             encoder.to(device, **cast)
     for model in (comps.unet, *comps.text_encoders):
