@@ -444,6 +444,25 @@ MUTATIONS += [
     Mutation("cost_warmup_timed", "trainers/evaluate/inference_cost.py",
              "    calls = max(1, -(-images // batch))\n", "    calls = max(1, -(-images // batch)) + warmup\n",
              ("tests/test_inference_cost.py",)),
+    Mutation("auto_resolution_not_resolved", "trainers/families/defaults.py",
+             "        cfg = dataclasses.replace(cfg, resolution=family.native_resolution)\n",
+             "        cfg = dataclasses.replace(cfg, resolution=512)\n",
+             ("tests/test_sdxl.py::test_resolution_0_trains_at_the_families_own_size_and_the_run_says_so",)),
+    Mutation("which_text_encoders_ignored", "trainers/methods/base.py",
+             '    if cfg.which_text_encoders == "all":\n', '    if True:\n',
+             ("tests/test_sdxl.py::test_a_lora_on_one_sdxl_encoder_trains_and_saves_that_encoder_alone",)),
+    Mutation("dreambooth_saves_frozen_encoder_as_trained", "trainers/methods/dreambooth.py",
+             "                        if any(p.requires_grad for p in model.parameters()))",
+             "                        if name == 'unet' or self.cfg.train_text_encoder)",
+             ("tests/test_sdxl.py::test_dreambooth_on_sdxl_saves_an_sgm_checkpoint_that_keeps_untrained_tensors_and_reloads",)),
+    Mutation("load_keeps_file_tensors", "trainers/families/single_file.py",
+             "        value = matched.pop(key)\n", "        value = matched[key]\n",
+             ("tests/test_sdxl.py::test_loading_drops_each_file_tensor_once_its_model_holds_the_converted_copy",)),
+    Mutation("base_model_route_reads_any_path", "nodes/routes.py",
+             '        path = host.resolve_model("checkpoints", query.get("name", ""))\n',
+             '        import os\n'
+             '        path = os.path.join(host.model_dirs("checkpoints")[0], query.get("name", ""))\n',
+             ("tests/test_sdxl.py::test_the_canvas_route_reads_only_checkpoints_and_returns_the_note",)),
 ]
 
 

@@ -594,7 +594,7 @@ def test_sdxl_lora_applied_by_comfyui_changes_unet_and_both_encoders_as_ours(com
         name = f"it_sdxl_{network}"
         entry, log, _ = run_prompt(comfy, {"1": {"class_type": TRAIN, "inputs": train_inputs(
             photos, name, ckpt_name=CKPT_XL, network=network, preset="kohya", train_text_encoder=True, steps=2,
-            alpha=2.0)}}, timeout=900)
+            alpha=2.0, unet_lr=1e-2)}}, timeout=900)  # a change well above the base's float noise (6e-7)
         assert_success(entry, log)
         path = os.path.join(comfy.model_folder("loras"), name + ".safetensors")
     r = run_equivalence(comfy, "comfy_lora_equivalence.py", toy_sdxl_checkpoint, tmp_path, "--lora", path)

@@ -138,6 +138,33 @@ def test_a_single_file_in_the_sgm_layout_reloads_as_the_same_model(toy_sdxl, toy
     _same_model(toy_sdxl, loaded)
 
 
+def test_loading_drops_each_file_tensor_once_its_model_holds_the_converted_copy(toy_sdxl, toy_tokenizer_dir,
+                                                                                tmp_path, monkeypatch):
+    """A file's fp16 tensors and their fp32 copies are never all held at once (peak memory of a load: the fp32
+    models, not the fp32 models plus the file)."""
+    import gc
+    import weakref
+
+    from trainers.families import sdxl_single_file
+    from trainers.families.model_loading import load_sd_components
+    from trainers.testing.toy_models import save_single_file
+
+    path = save_single_file(toy_sdxl, str(tmp_path / "xl16.safetensors"), dtype=torch.float16)
+    seen, real = [], sdxl_single_file._instantiate
+
+    def watched(build, state_dict, dtype, what, path):
+        sources = [weakref.ref(t) for t in state_dict.values() if t.dtype != dtype]
+        model = real(build, state_dict, dtype, what, path)
+        gc.collect()
+        seen.append((what, len(sources), sum(ref() is not None for ref in sources)))
+        return model
+
+    monkeypatch.setattr(sdxl_single_file, "_instantiate", watched)
+    load_sd_components(path, tokenizer_dir=toy_tokenizer_dir)
+    assert [what for what, _, _ in seen] == ["UNet", "VAE", "CLIP-L text encoder", "OpenCLIP-G text encoder"]
+    assert all(converted > 0 and alive == 0 for _, converted, alive in seen), seen
+
+
 def test_a_diffusers_sdxl_folder_loads(toy_sdxl, tmp_path):
     from trainers.families.model_loading import load_sd_components
     from trainers.testing.toy_models import save_diffusers_folder

@@ -26,6 +26,7 @@ def load_sdxl_single_file(path, state_dict, metadata, tokenizer_dir, dtype) -> S
     try:
         g_config = sdxl_text_keys.clip_g_config(open_clip, heads=hints.get("text_encoder_2", {}).get(
             "num_attention_heads"), eos_token_id=tokenizer_2.eos_token_id)
+        del open_clip  # no reference may outlive the hand-over to _instantiate (it frees tensors as it converts)
         clip_l, clip_g = sdxl_text_keys.split_sdxl_text(state_dict)
         unet_config = infer_sdxl_unet_config(_strip(state_dict, ldm_keys.UNET_PREFIX), hints.get("unet", {}),
                                              g_config["projection_dim"])
@@ -36,6 +37,7 @@ def load_sdxl_single_file(path, state_dict, metadata, tokenizer_dir, dtype) -> S
     state_dict.clear()  # `parts`, clip_l and clip_g hold the tensors now
     l_bare = {k[len(ldm_keys.TEXT_MODEL):] if k.startswith(ldm_keys.TEXT_MODEL) else k: v for k, v in clip_l.items()}
     l_config = infer_text_config(l_bare, hints.get("text_encoder", {}), tokenizer, path)
+    del l_bare
     g_config.update(pad_token_id=tokenizer_2.pad_token_id, **_g_hints(hints))
     if l_config["hidden_size"] + g_config["hidden_size"] != unet_config["cross_attention_dim"]:
         raise ModelLoadError(f"'{path}': the text encoders' widths {l_config['hidden_size']} + "

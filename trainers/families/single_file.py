@@ -28,7 +28,8 @@ def load_single_file(path, state_dict, metadata, tokenizer_dir, dtype) -> SDComp
         parts = ldm_keys.ldm_to_diffusers(state_dict, unet_config, vae_config)
     except (ldm_keys.KeyMapError, KeyError, IndexError) as e:
         raise ModelLoadError(f"'{path}' does not have the SD1.x checkpoint layout: {_reason(e)}") from e
-    state_dict.clear()  # `parts` holds the tensors now; each part is released once its model owns a copy
+    state_dict.clear()  # `parts` holds the tensors now; each part is released as its model takes it
+    del unet_sd, vae_sd
     if not parts["text_encoder"]:
         raise ModelLoadError(f"'{path}' has no CLIP text encoder (cond_stage_model.transformer.*). {SUPPORTED}")
 
@@ -53,7 +54,9 @@ def _strip(sd: dict, prefix: str) -> dict:
 
 
 def _instantiate(build, state_dict: dict, dtype, what: str, path: str):
-    """Build a model without allocating random weights, then take the file's tensors, strictly."""
+    """Build a model without allocating random weights, then take the file's tensors, strictly. `state_dict` is
+    handed over: it is emptied as its tensors are converted, so a file's fp16 tensors and their fp32 copies are
+    never all held at once (the caller keeps no other reference to them)."""
     from accelerate import init_empty_weights
 
     try:
@@ -62,13 +65,19 @@ def _instantiate(build, state_dict: dict, dtype, what: str, path: str):
     except (ValueError, TypeError) as e:  # e.g. a width that does not split into the heads
         raise ModelLoadError(f"'{path}': no {what} can be built from the inferred config: {e}") from e
     expected = set(model.state_dict())
-    state_dict = match_text_layout(state_dict, expected)  # CLIP names with or without text_model. (transformers)
-    missing, unknown = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    matched = match_text_layout(state_dict, expected)  # CLIP names with or without text_model. (transformers)
+    state_dict.clear()
+    missing, unknown = sorted(expected - set(matched)), sorted(set(matched) - expected)
     if missing or unknown:
         raise ModelLoadError(f"'{path}': {ldm_keys.mismatch_message(what, missing, unknown)}")
-    # No copy: checkpoint_file reads each tensor into its own fresh, aligned memory (a tensor left in a
-    # mapped file could sit at an unaligned address, which changes results in the last bits).
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    # No copy where the dtype is already right: checkpoint_file reads each tensor into its own fresh, aligned
+    # memory (a tensor left in a mapped file could sit at an unaligned address, which changes results in the
+    # last bits). Each source tensor is dropped as soon as it is converted.
+    tensors = {}
+    for key in list(matched):
+        value = matched.pop(key)
+        tensors[key] = value.to(dtype) if value.is_floating_point() else value
+        del value
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:

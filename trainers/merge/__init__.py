@@ -1,0 +1,1 @@
+"""Merging adapters: bake into a checkpoint, mix, re-rank, extract; all arithmetic on per-module weight deltas."""
