@@ -23,6 +23,8 @@ def _report(progress, done: int, total: int) -> None:
         progress(done, total)
 
 
+BATCH_PIXELS = 256 * 256  # pixels the VAE encodes at once (SD VAE activations: ~0.2 GB per 256x256 in fp32)
+
 class LatentCache:
     """Every training image encoded once; `sample` draws a fresh latent from its distribution."""
 
@@ -43,7 +45,8 @@ class LatentCache:
     @classmethod
     @torch.no_grad()
     def build(cls, items, vae, resolution: int, crop: str = "center", flip: bool = False, device="cpu",
-              dtype=torch.float32, batch_size: int = 4, progress=None, rescaled: bool = False) -> "LatentCache":
+              dtype=torch.float32, batch_size: int = 4, progress=None, rescaled: bool = False,
+              batch_pixels: int = BATCH_PIXELS) -> "LatentCache":
         """Encode `items` (TrainItems or paths) with `vae`, which must already sit on `device` in `dtype`.
 
         Latents are scaled by vae.config.scaling_factor (and shifted by shift_factor if the
@@ -53,6 +56,8 @@ class LatentCache:
         as they are, never cropped: their samples are the whole latent, and a batch must hold
         items of one bucket (see bucket_batch_indices). `resolution` and `crop` apply to the others.
         rescaled: the buckets were scaled to another resolution on purpose (no "file changed" warning).
+        A batch holds at most `batch_size` images and `batch_pixels` pixels (at least one image): the VAE
+        encoder's activations grow with the pixels, and at SDXL's 1024 px one image's take gigabytes.
         """
         resolution = check_resolution(resolution)
         if crop not in CROP_MODES:
@@ -93,9 +98,10 @@ class LatentCache:
             img = open_rgb(path)
             px = bucket_pixels(img, buckets[i], path, rescaled) if buckets[i] else prepare_pixels(img, resolution, crop)
             batch = pending.setdefault(tuple(px.shape), [])
+            limit = max(1, min(batch_size, batch_pixels // (px.shape[-2] * px.shape[-1])))
             for v in range(views):
                 batch.append((i, v, px.flip(-1) if v else px))  # flip pixels, not latents
-                if len(batch) >= batch_size:
+                if len(batch) >= limit:
                     encode(batch)
                     batch.clear()
         for batch in pending.values():

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core import host, path_policy, train_state
+from ..core import heap, host, path_policy, train_state
 from ..core.config import TrainConfig
 from ..core.dtypes import DTYPES
 from ..core.run_dir import RunDir, find_resumable, new_run
@@ -60,6 +60,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     host.free_memory()
     # The base model and the dataset come first: which run may be resumed depends on both.
     comps = components or _load_base(cfg)
+    heap.trim()  # the file's tensors, converted and dropped one by one, leave their blocks in the heap
     family = get_family(comps.family)
     cfg, chosen = family_defaults.apply(cfg, family)  # resolution 0: the family's own size
     items = data_items.scan_folder(cfg.dataset, trigger_word=cfg.trigger_word, caption=cfg.instance_prompt)
@@ -92,6 +93,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
                                                             flip=cfg.flip, device=device, rescaled=True))
                        for name, its in streams.items()}
     comps.vae.to("cpu")
+    heap.trim()  # the VAE's activations
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the same seed gives the same initial adapter weights
         groups = method.setup(comps)
