@@ -38,6 +38,11 @@ class Target:
     part: str = "unet"  # "unet" or "text": the strength that applies to it when baking
 
     @property
+    def bias_key(self) -> str:
+        """The module's bias in the checkpoint (OpenCLIP's fused in_proj_bias for q, k and v)."""
+        return self.key[:-len("weight")] + "bias"
+
+    @property
     def spatial(self) -> bool:
         """A conv with a kernel larger than 1x1 (kohya trains these only with conv_dim)."""
         return len(self.shape) == 4 and self.shape[2:] != (1, 1)
