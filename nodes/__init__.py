@@ -1,11 +1,11 @@
 """ComfyUI node classes. Each module exports its own mappings; they are merged here."""
-from . import (apply_lora, benchmark, caption, compare, dataset, load_checkpoint, routes, train_dreambooth,
+from . import (apply_lora, benchmark, caption, compare, dataset, load_checkpoint, merge, routes, train_dreambooth,
                train_embedding, train_lora)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 for _module in (train_lora, train_dreambooth, train_embedding, apply_lora, load_checkpoint, caption, dataset,
-                compare, benchmark):
+                compare, benchmark, merge):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 

@@ -179,3 +179,50 @@ def test_an_adapter_for_another_model_is_refused_with_what_it_is(env, bases, toy
     path, _ = trained(env, toy_xl, "xl_for_sd1")
     with pytest.raises(AdapterError, match="made for another model"):
         bake(bases["sd1"], [(path, 1.0, 1.0)], "wrong")
+
+
+def test_the_command_line_extracts_and_bakes_and_names_a_wrong_pair(env, bases, toy_sd1, capsys):
+    from trainers.cli.main import main
+
+    models = str(env["root"] / "models")
+    path, _ = trained(env, toy_sd1, "cli_lora")
+    assert main(["--models-dir", models, "merge", "bake", "--base", "sd1.safetensors", "--lora",
+                 "cli_lora.safetensors:0.5:0", "--name", "cli_baked"]) == 0
+    assert (env["root"] / "models" / "checkpoints" / "cli_baked.safetensors").is_file()
+    assert main(["--models-dir", models, "merge", "extract", "--base", "sd1.safetensors", "--tuned",
+                 "cli_baked.safetensors", "--rank", "4", "--name", "cli_extracted"]) == 0
+    out = capsys.readouterr().out
+    assert "cli_extracted.safetensors (lora)" in out and "kept energy" in out
+    assert main(["--models-dir", models, "merge", "extract", "--base", "sd1.safetensors", "--tuned",
+                 "xl.safetensors", "--name", "nope"]) == 2
+    assert "a LoRA can only be extracted between two checkpoints of one architecture" in capsys.readouterr().err
+
+
+def test_the_merge_nodes_write_where_the_loaders_look_and_say_what_they_did(env, bases, toy_sd1):
+    import sys
+
+    from pack_loader import load_pack
+
+    pack = load_pack()
+    sys.modules[f"{pack.__name__}.trainers.core.host"].configure(models_dir=str(env["root"] / "models"))
+    nodes = pack.NODE_CLASS_MAPPINGS
+    a, _ = trained(env, toy_sd1, "node_a", seed=1)
+    b, _ = trained(env, toy_sd1, "node_b", seed=2)
+    baked = nodes["PersonalizeBakeLoRA"]().run("sd1.safetensors", "node_a.safetensors", 1.0, 1.0, "node_baked",
+                                               lora_2="node_b.safetensors", strength_model_2=0.5,
+                                               strength_clip_2=0.0, lora_3="(none)", device="cpu")
+    assert baked["result"] == ("node_baked.safetensors",) and "node_baked.safetensors (checkpoint)" in \
+        baked["ui"]["text"][0]
+    extracted = nodes["PersonalizeExtractLoRA"]().run("sd1.safetensors", "nope.safetensors", 8, 2, 0.0,
+                                                      "node_extracted", trained_checkpoint="node_baked.safetensors",
+                                                      device="cpu")
+    assert extracted["result"] == ("node_extracted.safetensors",)
+    mixed = nodes["PersonalizeMixLoRAs"]().run("sd1.safetensors", "node_a.safetensors", 1.0, "node_b.safetensors",
+                                               0.5, "rank", 4, 0.95, "node_mixed", device="cpu")
+    assert mixed["result"] == ("node_mixed.safetensors",) and "rank 4;" in mixed["ui"]["text"][0]
+    reranked = nodes["PersonalizeRerankLoRA"]().run("sd1.safetensors", "x", "energy", 4, 0.9, "node_small",
+                                                    trained_lora="node_mixed.safetensors", device="cpu")
+    assert reranked["result"] == ("node_small.safetensors",)
+    again = nodes["PersonalizeRerankLoRA"]().run("sd1.safetensors", "node_mixed.safetensors", "rank", 2, 0.9,
+                                                 "node_small", device="cpu")
+    assert again["result"] == ("node_small_2.safetensors",)  # never overwritten

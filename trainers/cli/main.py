@@ -6,6 +6,7 @@
     python -m trainers build-dataset photos/ --name my_dog --mode buckets
     python -m trainers compare --model base=out/base --model lora=out/lora --photos photos/ --prompts p.txt \
         --class-noun dog
+    python -m trainers merge extract --base base.safetensors --tuned dreambooth.safetensors --rank 32 --name subject
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from .build_dataset import add_build_command
 from .caption import add_caption_command
 from .compare import add_compare_command
 from .demo import add_demo_command
+from .merge import add_merge_command
 from .train import add_train_command
 
-COMMANDS = (add_train_command, add_demo_command, add_caption_command, add_build_command, add_compare_command)  # one module each
+COMMANDS = (add_train_command, add_demo_command, add_caption_command, add_build_command, add_compare_command,
+            add_merge_command)  # one module each
 
 
 def build_parser() -> argparse.ArgumentParser:
