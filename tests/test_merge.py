@@ -93,6 +93,10 @@ def test_exact_mix_is_the_weighted_sum_of_the_deltas_and_rank_truncation_errs_le
     # Two plain LoRAs stack their factors: the ranks add up, nothing is approximated.
     stacked = mix(bases["sd1"], [(a, 1.0), (c, 0.5)], "stacked", save_dtype=torch.float32)
     assert {m.rank for m in stacked.modules} <= {4, 8} and 8 in {m.rank for m in stacked.modules}
+    dc = read_adapter(c, modules).modules
+    for stem, delta in read_adapter(stacked.path, modules).modules.items():
+        shape = modules.targets[stem].shape
+        assert rel(delta.weight(shape), da[stem].weight(shape) + 0.5 * dc[stem].weight(shape)) < 1e-5, stem
     errors = [rerank(bases["sd1"], stacked.path, f"r{r}", rank=r, save_dtype=torch.float32).total_rel_error
               for r in (1, 2, 4, 8)]
     assert errors[0] > errors[1] > errors[2] > 1e-3 and errors[3] < 1e-4, errors
@@ -226,3 +230,22 @@ def test_the_merge_nodes_write_where_the_loaders_look_and_say_what_they_did(env,
     again = nodes["PersonalizeRerankLoRA"]().run("sd1.safetensors", "node_mixed.safetensors", "rank", 2, 0.9,
                                                  "node_small", device="cpu")
     assert again["result"] == ("node_small_2.safetensors",)  # never overwritten
+
+
+def test_cancel_during_a_bake_leaves_no_file(env, bases, toy_sd1, monkeypatch):
+    import os
+
+    from trainers.core import host
+
+    path, _ = trained(env, toy_sd1, "cancel_lora")
+    calls = []
+
+    def cancel_at_third(done, total):
+        calls.append(done)
+        if done == 3:
+            host.request_interrupt()  # the next tensor's check raises, as ComfyUI's Cancel does
+
+    with pytest.raises(host.Interrupted):
+        bake(bases["sd1"], [(path, 1.0, 1.0)], "cancelled", progress=cancel_at_third)
+    folder = env["root"] / "models" / "checkpoints"
+    assert calls == [1, 2, 3] and sorted(os.listdir(folder)) == ["sd1.safetensors", "xl.safetensors"]
