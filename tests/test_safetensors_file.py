@@ -40,6 +40,17 @@ def test_what_the_package_writes_we_read(tmp_path):
     assert torch.equal(pending["b"].load(), TENSORS["b"])
 
 
+def test_read_converts_floating_tensors_to_the_asked_dtype_as_it_reads(tmp_path):
+    path = str(tmp_path / "mixed.safetensors")
+    save_file(TENSORS, path)
+    tensors, _ = sf.read(path, dtype=torch.float32)
+    for name, tensor in TENSORS.items():
+        want = tensor.float() if tensor.is_floating_point() else tensor  # integers and bools as they are
+        got = tensors[name]
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    assert len({t.data_ptr() for t in tensors.values() if t.numel()}) == sum(t.numel() > 0 for t in tensors.values())
+
+
 def test_every_tensor_starts_aligned_for_its_type(tmp_path):
     path = str(tmp_path / "aligned.safetensors")
     sf.write(path, {"odd": torch.ones(3, dtype=torch.uint8), "f": torch.ones(5),

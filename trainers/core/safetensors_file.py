@@ -70,15 +70,28 @@ def _check_entry(name: str, entry) -> None:
         raise ValueError(f"tensor '{name}' has {end - start} bytes for shape {shape} of {entry['dtype']}")
 
 
-def read(path: str, keep=None) -> tuple[dict, dict]:
-    """(tensors, metadata) of a safetensors file; `keep(name)` selects tensors (the others are not read)."""
+def read(path: str, keep=None, dtype: torch.dtype | None = None) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file; `keep(name)` selects tensors (the others are not read).
+
+    dtype: floating-point tensors come back in it, each read through one reused buffer and converted into its
+    own memory. Reading every tensor in the file's dtype and converting afterwards frees thousands of small
+    blocks that the larger converted ones cannot reuse: the heap keeps them, hundreds of MB for an SDXL file."""
     with open(path, "rb") as f:
         entries, metadata, base = read_header(f)
         total = f.seek(0, 2)
-        tensors = {}
+        tensors, staging = {}, None
         for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if keep is None or keep(name):
+            if keep is not None and not keep(name):
+                continue
+            stored = DTYPES[entry["dtype"]]
+            if dtype is None or stored == dtype or not stored.is_floating_point:
                 tensors[name] = _read_tensor(f, base, entry, total, name)
+                continue
+            size = entry["data_offsets"][1] - entry["data_offsets"][0]
+            if staging is None or staging.numel() < size:
+                staging = torch.empty(size, dtype=torch.uint8)
+            raw = _read_tensor(f, base, entry, total, name, into=staging[:size])
+            tensors[name] = torch.empty(entry["shape"], dtype=dtype).copy_(raw)
     return tensors, metadata
 
 
@@ -97,11 +110,13 @@ def pending(path: str, keep=None) -> dict[str, Pending]:
             for name, e in entries.items() if keep is None or keep(name)}
 
 
-def _read_tensor(f, base: int, entry: dict, total: int, name: str) -> torch.Tensor:
+def _read_tensor(f, base: int, entry: dict, total: int, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor in fresh memory, or in `into` (a uint8 buffer of its byte size) viewed as its dtype and shape."""
     start, end = entry["data_offsets"]
     if base + end > total:
         raise ValueError(f"tensor '{name}' ends past the end of the file: the file is incomplete")
-    tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+    dtype = DTYPES[entry["dtype"]]
+    tensor = torch.empty(entry["shape"], dtype=dtype) if into is None else into.view(dtype).view(entry["shape"])
     if end > start:
         f.seek(base + start)
         view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

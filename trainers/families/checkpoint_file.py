@@ -10,9 +10,10 @@ from .load_errors import SUPPORTED, ModelLoadError
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def read_state_dict(path: str, keep=None) -> tuple[dict, dict]:
+def read_state_dict(path: str, keep=None, dtype=None) -> tuple[dict, dict]:
     """(tensors, safetensors metadata) of a checkpoint file; never runs code from the file. `keep(key)`, when
-    given, selects the tensors to return (a safetensors file then reads only those)."""
+    given, selects the tensors to return (a safetensors file then reads only those); `dtype`, floating-point
+    tensors come back in it (a safetensors file converts each as it is read)."""
     keep = keep or (lambda key: True)
     if os.path.getsize(path) == 0:
         raise ModelLoadError(f"'{path}' is empty (0 bytes): the download or copy did not finish.")
@@ -21,7 +22,7 @@ def read_state_dict(path: str, keep=None) -> tuple[dict, dict]:
         from ..core import safetensors_file
 
         try:  # each tensor read into fresh memory, without mapping the whole file (see safetensors_file)
-            return safetensors_file.read(path, keep)
+            return safetensors_file.read(path, keep, dtype)
         except ValueError as e:
             raise ModelLoadError(f"'{path}' is not a readable safetensors file ({e}). It is corrupt or "
                                  f"incomplete: download it again.") from e

@@ -34,7 +34,7 @@ def load_sd_components(path: str, *, tokenizer_dir: str | None = None,
         return load_diffusers_folder(path, tokenizer_dir, dtype)
     if not os.path.isfile(path):
         raise ModelLoadError(f"Model '{path}' does not exist. {SUPPORTED}")
-    state_dict, metadata = read_state_dict(path)
+    state_dict, metadata = read_state_dict(path, dtype=dtype)
     if check_family(state_dict, path) == "sdxl":
         return load_sdxl_single_file(path, state_dict, metadata, tokenizer_dir, dtype)
     return load_single_file(path, state_dict, metadata, tokenizer_dir, dtype)

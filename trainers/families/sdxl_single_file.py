@@ -27,7 +27,7 @@ def load_sdxl_single_file(path, state_dict, metadata, tokenizer_dir, dtype) -> S
         g_config = sdxl_text_keys.clip_g_config(open_clip, heads=hints.get("text_encoder_2", {}).get(
             "num_attention_heads"), eos_token_id=tokenizer_2.eos_token_id)
         del open_clip  # no reference may outlive the hand-over to _instantiate (it frees tensors as it converts)
-        clip_l, clip_g = sdxl_text_keys.split_sdxl_text(state_dict)
+        clip_l, clip_g = sdxl_text_keys.split_sdxl_text(state_dict, copy=False)  # _instantiate copies each
         unet_config = infer_sdxl_unet_config(_strip(state_dict, ldm_keys.UNET_PREFIX), hints.get("unet", {}),
                                              g_config["projection_dim"])
         vae_config = infer_vae_config(_strip(state_dict, ldm_keys.VAE_PREFIX), hints.get("vae", {}))

@@ -136,7 +136,7 @@ def clip_g_to_hf(state_dict: dict) -> dict:
     return _clip_g_to_hf(state_dict, "")
 
 
-def _clip_g_to_hf(state_dict: dict, prefix: str) -> dict:
+def _clip_g_to_hf(state_dict: dict, prefix: str, copy: bool = True) -> dict:
     layers = _check_clip_g(state_dict, prefix)
     hidden = state_dict["token_embedding.weight"].shape[1]
     out = {TEXT_MODEL + hf: state_dict[g] for g, hf in _G_TOP.items()}
@@ -151,7 +151,8 @@ def _clip_g_to_hf(state_dict: dict, prefix: str) -> dict:
                 raise SDXLKeyError(f"CLIP-G '{prefix}{src}attn.in_proj_{p}' has {packed.shape[0]} rows; "
                                    f"q, k and v of width {hidden} need {3 * hidden}.")
             for j, name in enumerate(_QKV):  # equal thirds, q then k then v
-                out[f"{dst}{name}.{p}"] = packed[j * hidden:(j + 1) * hidden].clone()
+                third = packed[j * hidden:(j + 1) * hidden]
+                out[f"{dst}{name}.{p}"] = third.clone() if copy else third
     if "text_projection.weight" in state_dict:  # already a Linear weight (ComfyUI reads it untransposed)
         out[PROJECTION] = state_dict["text_projection.weight"]
     else:  # open_clip computes x @ text_projection: (width, projection) -> Linear's (projection, width)
@@ -215,12 +216,14 @@ def _clip_l_bare(state_dict: dict, prefix: str) -> dict:
     return bare
 
 
-def split_sdxl_text(state_dict: dict) -> tuple[dict, dict]:
+def split_sdxl_text(state_dict: dict, copy: bool = True) -> tuple[dict, dict]:
     """A whole SDXL single-file state dict -> (CLIP-L, CLIP-G) state dicts in transformers names.
 
     CLIP-L fits `CLIPTextModel`, CLIP-G `CLIPTextModelWithProjection`, both with `text_model.` keys
     (see `match_text_layout`). Keys outside the two prefixes (UNet, VAE, ...) are ignored; inside
-    them, anything that does not fit raises SDXLKeyError.
+    them, anything that does not fit raises SDXLKeyError. copy=False leaves OpenCLIP's q, k and v as views
+    of the fused in_proj tensors (a loader that copies each as it takes it never holds the fused and the
+    split ones at once); the default copies them, as safetensors refuses tensors that share memory.
     """
     clip_l = {k[len(CLIP_L_PREFIX):]: v for k, v in state_dict.items() if k.startswith(CLIP_L_PREFIX)}
     clip_g = {k[len(CLIP_G_PREFIX):]: v for k, v in state_dict.items() if k.startswith(CLIP_G_PREFIX)}
@@ -230,7 +233,7 @@ def split_sdxl_text(state_dict: dict) -> tuple[dict, dict]:
                 if any(k.startswith("conditioner.embedders.0.model.") for k in state_dict) else "")
         raise SDXLKeyError(f"No SDXL text-encoder keys under {', '.join(repr(p) for p in absent)}{hint}.")
     bare = _clip_l_bare(clip_l, CLIP_L_PREFIX)
-    return {TEXT_MODEL + k: v for k, v in bare.items()}, _clip_g_to_hf(clip_g, CLIP_G_PREFIX)
+    return {TEXT_MODEL + k: v for k, v in bare.items()}, _clip_g_to_hf(clip_g, CLIP_G_PREFIX, copy)
 
 
 def sdxl_text_to_ldm(clip_l_state: dict, clip_g_state: dict) -> dict:

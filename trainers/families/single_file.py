@@ -76,7 +76,10 @@ def _instantiate(build, state_dict: dict, dtype, what: str, path: str):
     tensors = {}
     for key in list(matched):
         value = matched.pop(key)
-        tensors[key] = value.to(dtype) if value.is_floating_point() else value
+        value = value.to(dtype) if value.is_floating_point() else value
+        if value.untyped_storage().nbytes() > value.nbytes:  # a view into a fused tensor (OpenCLIP's q, k, v)
+            value = value.clone()
+        tensors[key] = value
         del value
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
