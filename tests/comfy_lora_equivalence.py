@@ -67,6 +67,37 @@ def start_comfy(args) -> str:
     return comfy_dir
 
 
+def probe(model, clip, args):
+    """One fixed latent, timestep and conditioning (SDXL: pooled text and size ids too) and one prompt's tokens,
+    with `unet(patcher)` and `text(clip)`: ComfyUI's outputs for them, in fp32."""
+    from types import SimpleNamespace
+
+    import torch
+    import comfy.model_management as mm
+
+    sdxl = type(model.model).__name__ == "SDXL"
+    torch.manual_seed(0)
+    p = SimpleNamespace(sdxl=sdxl, x=torch.randn(1, 4, args.latent, args.latent), t=torch.tensor([args.timestep]),
+                        cond=torch.randn(1, 77, 2048 if sdxl else 768),
+                        pooled=torch.randn(1, 1280) if sdxl else None, size=args.latent * 8,
+                        tokens=clip.tokenize(args.prompt))
+    # SDXL's size ids: this size, uncropped, on both sides
+    y = model.model.encode_adm(pooled_output=p.pooled, width=p.size, height=p.size) if sdxl else None
+
+    def unet(patcher):
+        mm.load_models_gpu([patcher], force_full_load=True)  # applies the patches (if any) to the weights
+        with torch.no_grad():
+            return patcher.model.diffusion_model(p.x, timesteps=p.t, context=p.cond, y=y).float()
+
+    def text(c):
+        with torch.no_grad():  # SDXL: both encoders' states side by side, and the pooled projection
+            states, pooled_out = c.encode_from_tokens(p.tokens, return_pooled=True)
+            return torch.cat([states.float().flatten(), pooled_out.float().flatten()]) if sdxl else states.float()
+
+    p.unet, p.text = unet, text
+    return p
+
+
 def main(argv=None) -> dict:
     # --latent: the latent side (pixels / 8)
     args = script_args(__doc__, "--lora", argv, **{"--prompt": "a photo of sks ball on the beach",
@@ -82,27 +113,11 @@ def main(argv=None) -> dict:
     logging.getLogger().addHandler(collect)
     # --- ComfyUI ------------------------------------------------------------
     model, clip = comfy.sd.load_checkpoint_guess_config(args.ckpt, output_vae=False, output_clip=True)[:2]
-    sdxl = type(model.model).__name__ == "SDXL"
-    torch.manual_seed(0)
-    x = torch.randn(1, 4, args.latent, args.latent)
-    t = torch.tensor([args.timestep])
-    cond = torch.randn(1, 77, 2048 if sdxl else 768)
-    pooled = torch.randn(1, 1280) if sdxl else None
-    size = args.latent * 8  # SDXL's size ids: this size, uncropped, on both sides
-    y = model.model.encode_adm(pooled_output=pooled, width=size, height=size) if sdxl else None
+    p = probe(model, clip, args)
+    sdxl, x, t, cond, pooled, size, tokens = p.sdxl, p.x, p.t, p.cond, p.pooled, p.size, p.tokens
+    comfy_unet, comfy_clip = p.unet, p.text
     lora = comfy.utils.load_torch_file(args.lora, safe_load=True)
-    tokens = clip.tokenize(args.prompt)
     ids = torch.tensor([[tok[0] for tok in tokens["l"][0]]])
-
-    def comfy_unet(patcher):
-        mm.load_models_gpu([patcher], force_full_load=True)  # applies the patches to the weights
-        with torch.no_grad():
-            return patcher.model.diffusion_model(x, timesteps=t, context=cond, y=y).float()
-
-    def comfy_clip(c):
-        with torch.no_grad():  # SDXL: both encoders' states side by side, and the pooled projection
-            states, pooled_out = c.encode_from_tokens(tokens, return_pooled=True)
-            return torch.cat([states.float().flatten(), pooled_out.float().flatten()]) if sdxl else states.float()
 
     results = {"unet_dtype": str(model.model_dtype())}
     comfy_base_unet, comfy_base_te = comfy_unet(model), comfy_clip(clip)

@@ -641,3 +641,267 @@ def test_sdxl_embedding_and_dreambooth_checkpoint_work_in_comfyui(comfy, photos,
     entry, log, _ = run_prompt(comfy, prompt)
     assert_success(entry, log)
     assert "SDXLClipModel" in log and entry["outputs"]["15"]["images"]
+
+
+# --- merge: bake, extract, mix, re-rank through /prompt ---------------------------------------------------------
+BAKE, MIX = "PersonalizeBakeLoRA", "PersonalizeMixLoRAs"
+RERANK, EXTRACT = "PersonalizeRerankLoRA", "PersonalizeExtractLoRA"
+
+
+def file_keys_and_meta(path: str) -> tuple[list, dict]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return list(f.keys()), f.metadata() or {}
+
+
+def stems(keys) -> set:
+    return {k.split(".", 1)[0] for k in keys}
+
+
+def lora_ranks(path: str) -> set:
+    """The ranks of a kohya LoRA file's modules (rows of each lora_down)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(".lora_down.weight")}
+
+
+def bake_equivalence(comfy, base: str, lora: str, baked: str, work, strength_model: float,
+                     strength_clip: float) -> dict:
+    """comfy_bake_equivalence.py's record for one baked SD1 file, with the checks that hold whatever its dtype."""
+    started = time.monotonic()
+    r = run_equivalence(comfy, "comfy_bake_equivalence.py", base, work, "--lora", lora, "--baked", baked,
+                        "--strength-model", str(strength_model), "--strength-clip", str(strength_clip))
+    print(f"bake equivalence script ({os.path.basename(baked)}, {r['baked_file_dtype']}): "
+          f"{time.monotonic() - started:.1f} s; "
+          + ", ".join(f"{k}={v:.2e}" for k, v in r.items() if isinstance(v, float) and "strength" not in k)
+          + f"; weights changed by LoRA/bake: unet {r['unet_weights_changed_by_lora']}/"
+            f"{r['unet_weights_changed_by_bake']}, te {r['te_weights_changed_by_lora']}/"
+            f"{r['te_weights_changed_by_bake']}")
+    assert r["keys_not_loaded"] == []
+    assert r["same_model_class"] and r["same_clip_class"], (r["base"], r["baked"])  # ComfyUI sees the same model
+    assert r["base"]["model_class"] == "BaseModel" and r["baked"]["unet_dtype"] == "torch.float32"
+    assert r["comfy_unet_patches"] > 0 and r["comfy_clip_patches"] == 12 * 6  # CLIP-L: q k v out fc1 fc2
+    for part in ("unet", "te"):  # the bake changed exactly the tensors the LoRA patches
+        assert r[f"{part}_weight_keys_differ"] == [] and r[f"{part}_weights_changed_by_bake_only"] == []
+        assert r[f"{part}_weights_changed_by_bake"] == r[f"{part}_weights_changed_by_lora"] > 0
+    return r
+
+
+def trained_stems(path: str) -> set:
+    """The modules of a kohya LoRA file whose change is not zero (lora_up all zeros: the module never trained)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {k.split(".", 1)[0] for k in f.keys() if k.endswith(".lora_up.weight") and f.get_tensor(k).any()}
+
+
+@pytest.fixture(scope="module")
+def baked_sd1(comfy, locon_te_lora) -> dict:
+    """`locon_te_lora` baked into the SD1 toy through /prompt at strength 0.8 (UNet), 0.6 (CLIP)."""
+    prompt = {"1": {"class_type": BAKE, "inputs": dict(
+        ckpt_name=CKPT, lora_name=locon_te_lora["name"], strength_model=0.8, strength_clip=0.6,
+        output_name="it_baked", device="cpu")}}
+    entry, log, seconds = run_prompt(comfy, prompt)
+    print(f"\nbake through /prompt (SD1 toy, locon + text encoder LoRA): {seconds:.1f} s")
+    assert_success(entry, log)
+    return {"entry": entry, "name": "it_baked.safetensors",
+            "path": os.path.join(comfy.model_folder("checkpoints"), "it_baked.safetensors")}
+
+
+def test_bake_through_prompt_samples_as_the_lora_applied_by_comfyui(comfy, toy_checkpoint, locon_te_lora, baked_sd1,
+                                                                    tmp_path):
+    text = baked_sd1["entry"]["outputs"]["1"]["text"][0]
+    assert text.startswith("it_baked.safetensors (checkpoint)"), text  # the node reports the file it wrote
+    assert os.path.isfile(baked_sd1["path"])
+    keys, meta = file_keys_and_meta(baked_sd1["path"])
+    base_keys, _ = file_keys_and_meta(toy_checkpoint)
+    assert sorted(keys) == sorted(base_keys)  # every tensor of the base, nothing else
+    record = json.loads(meta["personalize.merge"])
+    assert record["method"] == "bake" and record["base"]["name"] == CKPT
+    assert [(a["name"], a["unet_strength"], a["text_strength"]) for a in record["adapters"]] == \
+        [(locon_te_lora["name"], 0.8, 0.6)]
+
+    r = bake_equivalence(comfy, toy_checkpoint, locon_te_lora["path"], baked_sd1["path"], tmp_path, 0.8, 0.6)
+    assert r["baked_file_dtype"] == "torch.float16"  # the base's dtype: base + delta is rounded to fp16
+    for part in ("unet", "te"):
+        assert r[f"{part}_delta_size"] > 1e-4  # the LoRA really changes the output...
+        # ...and the baked checkpoint computes what ComfyUI computes with the LoRA applied, up to storing the sum in
+        # fp16: the same as ComfyUI's patched weights rounded to fp16 (a float-noise gap), and no farther from the
+        # patched fp32 model than that rounding takes it. (Baked into an fp32 base, below: < 1e-4 outright.)
+        assert r[f"{part}_rel_err_vs_rounded"] < 1e-4
+        assert r[f"{part}_rel_err"] < 1.5 * r[f"{part}_rounding_rel_err"] + 1e-5
+        assert r[f"{part}_weight_rel_err_after_rounding"] < 1e-3  # per tensor: at most an fp16 ulp here and there
+
+    # The baked file in ComfyUI's own loader, sampled.
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": baked_sd1["name"]}},
+              **sample_nodes(["1", 0], ["1", 1], ["1", 2])}
+    entry, log, seconds = run_prompt(comfy, prompt)
+    print(f"baked checkpoint in CheckpointLoaderSimple + 2-step sampling: {seconds:.1f} s")
+    assert_success(entry, log)
+    assert entry["outputs"]["15"]["images"]
+
+
+def test_bake_into_an_fp32_base_is_the_lora_applied_by_comfyui_to_float_noise(comfy, toy_checkpoint, locon_te_lora,
+                                                                              tmp_path):
+    """The same bake into an fp32 copy of the base (the values ComfyUI computes with on a CPU): nothing is rounded,
+    so the baked checkpoint is ComfyUI's LoRA-applied model outright."""
+    from safetensors.torch import load_file, save_file
+
+    metadata = file_keys_and_meta(toy_checkpoint)[1]
+    base32 = str(tmp_path / "personalize_toy_sd15_fp32.safetensors")
+    save_file({k: v.float() if v.is_floating_point() else v for k, v in load_file(toy_checkpoint).items()}, base32,
+              metadata=metadata)
+    comfy.add_model("checkpoints", base32)
+    entry, log, seconds = run_prompt(comfy, {"1": {"class_type": BAKE, "inputs": dict(
+        ckpt_name=os.path.basename(base32), lora_name=locon_te_lora["name"], strength_model=0.8, strength_clip=0.6,
+        output_name="it_baked_fp32", device="cpu")}})
+    print(f"\nbake into the fp32 base through /prompt: {seconds:.1f} s")
+    assert_success(entry, log)
+    baked = os.path.join(comfy.model_folder("checkpoints"), "it_baked_fp32.safetensors")
+    r = bake_equivalence(comfy, base32, locon_te_lora["path"], baked, tmp_path / "work", 0.8, 0.6)
+    assert r["baked_file_dtype"] == "torch.float32"
+    for part in ("unet", "te"):
+        assert r[f"{part}_delta_size"] > 1e-4  # the LoRA really changes the output...
+        assert r[f"{part}_rel_err"] < 1e-4  # ...and the baked checkpoint computes exactly that
+        assert r[f"{part}_weight_rel_err"] < 1e-5
+    for name in (baked, os.path.join(comfy.model_folder("checkpoints"), os.path.basename(base32))):
+        os.remove(name)  # ~1 GB each; no other test reads them
+
+
+def test_extract_from_the_baked_checkpoint_links_into_apply_and_samples(comfy, toy_checkpoint, locon_te_lora,
+                                                                        baked_sd1, tmp_path):
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": EXTRACT, "inputs": dict(ckpt_name=CKPT, tuned_ckpt_name=baked_sd1["name"], rank=8,
+                                                    conv_rank=4, energy=0.0, output_name="it_extracted",
+                                                    device="cpu")},
+        # lora_name names no file: the link from Extract must win
+        "3": {"class_type": APPLY, "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "not_there.safetensors",
+                                              "strength_model": 1.0, "strength_clip": 1.0, "trained_lora": ["2", 0]}},
+        **sample_nodes(["3", 0], ["3", 1], ["1", 2]),
+    }
+    entry, log, seconds = run_prompt(comfy, prompt)
+    print(f"\nextract (rank 8, conv 4) + apply by link + sample, one prompt: {seconds:.1f} s")
+    print(entry["outputs"].get("2", {}).get("text", [""])[0])
+    assert_success(entry, log)
+    assert lora_keys_not_loaded(log) == [], log
+    assert entry["outputs"]["15"]["images"]
+    assert lora_files(comfy, "it_extracted") == ["it_extracted.safetensors"]
+    path = os.path.join(comfy.model_folder("loras"), "it_extracted.safetensors")
+    keys, meta = file_keys_and_meta(path)
+    assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
+    record = json.loads(meta["personalize.merge"])
+    assert record["method"] == "extract" and record["rank"] == 8 and record["conv_rank"] == 4
+    assert record["base"]["name"] == CKPT and record["tuned"]["name"] == baked_sd1["name"]
+    lora_keys, _ = file_keys_and_meta(locon_te_lora["path"])
+    assert stems(keys) == trained_stems(locon_te_lora["path"]) == stems(lora_keys)  # the modules the LoRA changed
+    assert lora_ranks(path) <= {4, 8} and max(lora_ranks(path)) <= 8
+
+    # The extracted LoRA applied at strength 1 by ComfyUI computes what the baked checkpoint does: the baked change
+    # is the rank-4 LoRA at 0.8 / 0.6 plus the fp16 rounding of base + delta (full rank, about 1 % of the LoRA's
+    # effect on the UNet's output here), so rank 8 holds all of it but that rounding.
+    r = run_equivalence(comfy, "comfy_bake_equivalence.py", toy_checkpoint, tmp_path, "--lora", path,
+                        "--baked", baked_sd1["path"], "--strength-model", "1.0", "--strength-clip", "1.0")
+    print("extracted LoRA vs baked checkpoint: "
+          + ", ".join(f"{k}={v:.2e}" for k, v in r.items() if k.endswith(("_err", "_size"))))
+    assert r["keys_not_loaded"] == []
+    for part in ("unet", "te"):
+        assert r[f"{part}_delta_size"] > 1e-4
+        assert r[f"{part}_delta_rel_err"] < 3e-2  # the extracted change is the baked change
+
+
+def test_mix_and_rerank_chained_by_links_apply_and_sample(comfy, photos, locon_te_lora):
+    # A second LoRA with other modules (kohya preset: no resnets, no text encoder) and another seed.
+    entry, log, seconds = run_prompt(comfy, {"1": {"class_type": TRAIN, "inputs": train_inputs(
+        photos, "it_mix_b", preset="kohya", steps=2, seed=7)}})
+    print(f"\nsecond LoRA (kohya, 2 steps): {seconds:.1f} s")
+    assert_success(entry, log)
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": MIX, "inputs": dict(ckpt_name=CKPT, lora_a=locon_te_lora["name"], weight_a=0.7,
+                                                lora_b="it_mix_b.safetensors", weight_b=0.5, mode="rank", rank=4,
+                                                energy=0.95, output_name="it_mixed", device="cpu")},
+        "3": {"class_type": RERANK, "inputs": dict(ckpt_name=CKPT, lora_name="not_there.safetensors", mode="energy",
+                                                   rank=4, energy=0.9, output_name="it_reranked",
+                                                   trained_lora=["2", 0], device="cpu")},
+        "4": {"class_type": APPLY, "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "not_there.safetensors",
+                                              "strength_model": 1.0, "strength_clip": 1.0, "trained_lora": ["2", 0]}},
+        "5": {"class_type": APPLY, "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "not_there.safetensors",
+                                              "strength_model": 1.0, "strength_clip": 1.0, "trained_lora": ["3", 0]}},
+        **sample_nodes(["4", 0], ["4", 1], ["1", 2], first_id=10),
+        **sample_nodes(["5", 0], ["5", 1], ["1", 2], first_id=20),
+    }
+    entry, log, seconds = run_prompt(comfy, prompt)
+    print(f"mix (rank 4) -> re-rank (energy 0.9), both applied by link and sampled, one prompt: {seconds:.1f} s")
+    print(entry["outputs"].get("2", {}).get("text", [""])[0])
+    print(entry["outputs"].get("3", {}).get("text", [""])[0])
+    assert_success(entry, log)
+    assert lora_keys_not_loaded(log) == [], log
+    assert entry["outputs"]["15"]["images"] and entry["outputs"]["25"]["images"]
+    assert lora_files(comfy, "it_mixed") == ["it_mixed.safetensors"]
+    assert lora_files(comfy, "it_reranked") == ["it_reranked.safetensors"]
+    mixed = os.path.join(comfy.model_folder("loras"), "it_mixed.safetensors")
+    reranked = os.path.join(comfy.model_folder("loras"), "it_reranked.safetensors")
+    a_keys, _ = file_keys_and_meta(locon_te_lora["path"])
+    b_keys, _ = file_keys_and_meta(os.path.join(comfy.model_folder("loras"), "it_mix_b.safetensors"))
+    mixed_keys, mixed_meta = file_keys_and_meta(mixed)
+    reranked_keys, reranked_meta = file_keys_and_meta(reranked)
+    assert stems(a_keys) != stems(b_keys)
+    assert stems(mixed_keys) == stems(a_keys) | stems(b_keys) == stems(reranked_keys)  # every module of both
+    record = json.loads(mixed_meta["personalize.merge"])
+    assert record["method"] == "mix" and record["rank"] == 4
+    assert [(a["name"], a["weight"]) for a in record["adapters"]] == [(locon_te_lora["name"], 0.7),
+                                                                     ("it_mix_b.safetensors", 0.5)]
+    record = json.loads(reranked_meta["personalize.merge"])
+    assert record["method"] == "rerank" and record["energy"] == 0.9
+    assert [a["name"] for a in record["adapters"]] == ["it_mixed.safetensors"]  # the linked file
+    assert lora_ranks(mixed) == {4} and max(lora_ranks(reranked)) <= 4
+    assert "kept energy" in entry["outputs"]["3"]["text"][0]
+
+
+def test_sdxl_bake_then_extract_by_links_applies_every_key_and_samples(comfy, sdxl_lora, toy_sdxl_checkpoint):
+    """One prompt on the SDXL toy: bake the SDXL LoRA, extract it back (rank 4) from the baked file by link, apply
+    the extracted LoRA by link and sample."""
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_XL}},
+        "2": {"class_type": BAKE, "inputs": dict(ckpt_name=CKPT_XL, lora_name="it_sdxl.safetensors",
+                                                 strength_model=1.0, strength_clip=1.0, output_name="it_baked_xl",
+                                                 device="cpu")},
+        "3": {"class_type": EXTRACT, "inputs": dict(ckpt_name=CKPT_XL, tuned_ckpt_name="not_there.safetensors",
+                                                    rank=4, conv_rank=0, energy=0.0, output_name="it_extracted_xl",
+                                                    trained_checkpoint=["2", 0], device="cpu")},
+        "4": {"class_type": APPLY, "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "not_there.safetensors",
+                                              "strength_model": 1.0, "strength_clip": 1.0, "trained_lora": ["3", 0]}},
+        **sample_nodes(["4", 0], ["4", 1], ["1", 2]),
+    }
+    baked = os.path.join(comfy.model_folder("checkpoints"), "it_baked_xl.safetensors")
+    try:
+        entry, log, seconds = run_prompt(comfy, prompt, timeout=900)
+        print(f"\nSDXL bake + extract (rank 4) + apply + sample, one prompt: {seconds:.1f} s")
+        print(entry["outputs"].get("2", {}).get("text", [""])[0])
+        print(entry["outputs"].get("3", {}).get("text", [""])[0])
+        assert_success(entry, log)
+        assert os.path.isfile(baked)
+    finally:
+        if os.path.exists(baked):
+            os.remove(baked)  # ~2 GB; no other test reads it
+    assert "SDXLClipModel" in log, log[-3000:]
+    assert lora_keys_not_loaded(log) == [], log
+    assert entry["outputs"]["15"]["images"]
+    path = os.path.join(comfy.model_folder("loras"), "it_extracted_xl.safetensors")
+    keys, meta = file_keys_and_meta(path)
+    for prefix in ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_"):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    record = json.loads(meta["personalize.merge"])
+    assert record["method"] == "extract" and record["rank"] == 4
+    assert record["tuned"]["name"] == "it_baked_xl.safetensors"
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    changed = trained_stems(sdxl_lora["path"])
+    assert stems(keys) == changed  # the modules the SDXL LoRA changed, te2's q/k/v rows included
+    # The file's other modules never trained: SDXL conditions on CLIP-L's penultimate layer, so its last layer
+    # gets no gradient and keeps lora_up at its zero init. No change there, so nothing to extract.
+    unchanged = stems(file_keys_and_meta(sdxl_lora["path"])[0]) - changed
+    assert {s.rsplit("_layers_11_", 1)[0] for s in unchanged} <= {"lora_te1_text_model_encoder"}, unchanged
+    assert lora_ranks(path) == {4}
