@@ -193,10 +193,13 @@ def test_the_command_line_extracts_and_bakes_and_names_a_wrong_pair(env, bases, 
     assert main(["--models-dir", models, "merge", "bake", "--base", "sd1.safetensors", "--lora",
                  "cli_lora.safetensors:0.5:0", "--name", "cli_baked"]) == 0
     assert (env["root"] / "models" / "checkpoints" / "cli_baked.safetensors").is_file()
+    report = env["root"] / "report.csv"
     assert main(["--models-dir", models, "merge", "extract", "--base", "sd1.safetensors", "--tuned",
-                 "cli_baked.safetensors", "--rank", "4", "--name", "cli_extracted"]) == 0
+                 "cli_baked.safetensors", "--rank", "4", "--name", "cli_extracted", "--report", str(report)]) == 0
     out = capsys.readouterr().out
     assert "cli_extracted.safetensors (lora)" in out and "kept energy" in out
+    rows = report.read_text().splitlines()
+    assert rows[0] == "module,rank,kept_energy,rel_error" and len(rows) > 10
     assert main(["--models-dir", models, "merge", "extract", "--base", "sd1.safetensors", "--tuned",
                  "xl.safetensors", "--name", "nope"]) == 2
     assert "a LoRA can only be extracted between two checkpoints of one architecture" in capsys.readouterr().err

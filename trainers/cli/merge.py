@@ -27,6 +27,8 @@ def add_merge_command(subparsers) -> argparse.ArgumentParser:
         op.add_argument("--base", required=True, help="the base checkpoint (.safetensors)")
         op.add_argument("--name", required=True, help="name of the new file")
         op.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+        if name != "bake":
+            op.add_argument("--report", help="also write every module's rank, kept energy and error to this CSV")
         if name == "extract":
             op.add_argument("--tuned", required=True, help="the fine-tuned checkpoint")
             op.add_argument("--conv-rank", type=int, default=0, help="rank of 3x3 convs (0: left out)")
@@ -85,4 +87,7 @@ def run_merge_command(args) -> int:
     if cancelled:
         return cancelled
     print(result.summary())
+    if getattr(args, "report", None):
+        result.write_csv(args.report)
+        print(f"per-module report: {args.report}")
     return 0

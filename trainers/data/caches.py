@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core import heap
 from ..core.host import check_interrupt
 from ..families.conditioning import Conditioning
 from .errors import DatasetError
@@ -85,6 +86,7 @@ class LatentCache:
                 raise DatasetError(f"The VAE produced NaN/inf latents in {dtype} (image: {paths[batch[0][0]]}). "
                                    f"Encode in float32, or use a VAE that is safe in half precision.")
             factor = factor or x.shape[-1] // mean.shape[-1]
+            heap.trim()  # the encoder's activations: freed blocks the C heap would otherwise keep (core/heap.py)
             for k, (i, v, _) in enumerate(batch):
                 means[i][v], stds[i][v] = mean[k], std[k]
                 done += v == views - 1

@@ -70,16 +70,28 @@ class MergeResult:
         ref = sum(m.norm ** 2 for m in self.modules)
         return sum(m.kept_energy * m.norm ** 2 for m in self.modules) / ref if ref else 1.0
 
-    def summary(self) -> str:
+    def summary(self, worst: int = 5) -> str:
+        """What was written, the ranks, kept energy and error in total, and the `worst` modules by error."""
         lines = [f"{os.path.basename(self.path)} ({self.kind}) in {self.seconds:.1f} s"]
         if self.modules:
             ranks = sorted({m.rank for m in self.modules})
             rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
-            worst = max(self.modules, key=lambda m: m.rel_error)
             lines.append(f"{len(self.modules)} modules, rank {rank_text}; kept energy {self.kept_energy:.4f}, "
-                         f"relative error {self.total_rel_error:.4f} in total, worst {worst.rel_error:.4f} "
-                         f"({worst.stem})")
+                         f"relative error {self.total_rel_error:.4f} in total")
+            for m in sorted(self.modules, key=lambda m: -m.rel_error)[:worst]:
+                if m.rel_error > 0:
+                    lines.append(f"  {m.stem}: rank {m.rank}, kept energy {m.kept_energy:.4f}, "
+                                 f"relative error {m.rel_error:.4f}")
         return "\n".join(lines + self.notes)
+
+    def write_csv(self, path: str) -> None:
+        """Every module's rank, kept energy and relative error."""
+        import csv
+
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["module", "rank", "kept_energy", "rel_error"])
+            writer.writeheader()
+            writer.writerows(self.report_rows())
 
     def report_rows(self) -> list[dict]:
         return [{"module": m.stem, "rank": m.rank, "kept_energy": round(m.kept_energy, 6),

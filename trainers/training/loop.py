@@ -93,7 +93,6 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
                                                             flip=cfg.flip, device=device, rescaled=True))
                        for name, its in streams.items()}
     comps.vae.to("cpu")
-    heap.trim()  # the VAE's activations
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the same seed gives the same initial adapter weights
         groups = method.setup(comps)
@@ -108,6 +107,7 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
                                                  lambda texts: family.encode(comps, texts).to("cpu", torch.float32))
         for encoder in comps.text_encoders:
             encoder.to("cpu")
+        heap.trim()  # the encoders' activations
     _to_training_dtype(comps, bool(trained_encoders), weight_dtype, device)
     if cfg.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
