@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from engine import engine
+from engine import engine, images_only
 
 
 def run(cmd: list[str]) -> tuple[float, str]:
@@ -44,17 +44,12 @@ def main():
                          "script samples its class images at this size whatever --resolution is")
     args = ap.parse_args()
 
-    toy, demo = engine("testing.toy_models"), engine("testing.demo")
+    toy = engine("testing.toy_models")
     work = tempfile.mkdtemp(prefix="bench_diffusers_db_")
     comps = toy.build_sd1("mini", tokenizer_dir=os.path.join(work, "tokenizer"))
     comps.unet.register_to_config(sample_size=args.native_size // 8)
     model = toy.save_diffusers_folder(comps, os.path.join(work, "model"))
-    made = demo.make_photos(os.path.join(work, "made"), count=args.images, size=args.resolution * 2)
-    photos = os.path.join(work, "photos")  # the images alone: the script opens every file of the folder
-    os.makedirs(photos)
-    for name in os.listdir(made):
-        if not name.endswith(".txt"):
-            os.link(os.path.join(made, name), os.path.join(photos, name))
+    photos = images_only(work, args.images, args.resolution * 2)
     common = [sys.executable, args.script, "--pretrained_model_name_or_path", model, "--instance_data_dir", photos,
               "--instance_prompt", "a photo of sks dog", "--with_prior_preservation", "--class_prompt",
               "a photo of a dog", "--class_data_dir", os.path.join(work, "class"), "--num_class_images",

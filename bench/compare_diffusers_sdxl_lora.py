@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-from engine import engine
+from engine import engine, images_only
 
 
 def vm_hwm_mb(pid: int) -> float:
@@ -66,18 +66,13 @@ def main():
     ap.add_argument("--images", type=int, default=6)
     args = ap.parse_args()
 
-    toy, demo = engine("testing.toy_models"), engine("testing.demo")
+    toy = engine("testing.toy_models")
     work = tempfile.mkdtemp(prefix="bench_diffusers_sdxl_")
     comps = toy.build_sdxl("comfy", seed=0, tokenizer_dir=os.path.join(work, "tokenizer"))
     model = toy.save_diffusers_folder(comps, os.path.join(work, "model"))  # fp32, as the script loads it
     del comps  # ~5 GB: not held while the script runs
     gc.collect()
-    made = demo.make_photos(os.path.join(work, "made"), count=args.images, size=args.resolution * 2)
-    photos = os.path.join(work, "photos")  # the images alone: the script opens every file of the folder
-    os.makedirs(photos)
-    for name in os.listdir(made):
-        if not name.endswith(".txt"):
-            os.link(os.path.join(made, name), os.path.join(photos, name))
+    photos = images_only(work, args.images, args.resolution * 2)
     # No --validation_prompt (no sampling), no --push_to_hub; --report_to stays tensorboard, which accelerate skips
     # where it is not installed (no wandb).
     cmd = [sys.executable, args.script, "--pretrained_model_name_or_path", model, "--instance_data_dir", photos,

@@ -50,7 +50,15 @@ def _progress(total_hint: int = 1):
     return update
 
 
-class BakeLoRA(MergeNode):
+class TakesTrainedLoRA(MergeNode):
+    """A merge node whose `lora_name` may come by link (`trained_lora`) from a trainer that has not written it yet."""
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name, input_types):
+        return validate_linked(cls, "lora_name", lora_name, "trained_lora", "loras", input_types)
+
+
+class BakeLoRA(TakesTrainedLoRA):
     DESCRIPTION = ("Bake one to three LoRA/LoHa/LoKr files into a checkpoint at the strengths given (diffusion model "
                    "and text encoders apart), written as a new checkpoint in models/checkpoints that any loader reads "
                    "and that samples as the checkpoint with the LoRAs applied.")
@@ -81,10 +89,6 @@ class BakeLoRA(MergeNode):
                 "device": _DEVICE,
             },
         }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, lora_name, input_types):
-        return validate_linked(cls, "lora_name", lora_name, "trained_lora", "loras", input_types)
 
     def run(self, ckpt_name, lora_name, strength_model, strength_clip, output_name, trained_lora=None,
             device="auto", **more):
@@ -147,7 +151,7 @@ class MixLoRAs(MergeNode):
         return self.finish(result, "loras")
 
 
-class RerankLoRA(MergeNode):
+class RerankLoRA(TakesTrainedLoRA):
     DESCRIPTION = ("Cut an adapter down to a lower rank (or each module to the smallest rank keeping an energy "
                    "share) by SVD, as a kohya LoRA; the summary gives the kept energy.")
     RETURN_NAMES = ("lora_name",)
@@ -172,10 +176,6 @@ class RerankLoRA(MergeNode):
                 "device": _DEVICE,
             },
         }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, lora_name, input_types):
-        return validate_linked(cls, "lora_name", lora_name, "trained_lora", "loras", input_types)
 
     def run(self, ckpt_name, lora_name, mode, rank, energy, output_name, trained_lora=None, device="auto"):
         from ..trainers.merge.combine import rerank

@@ -82,15 +82,6 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm()) if b.norm() > 0 else float((a - b).norm())
 
 
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 def comfy_patch(tensors: dict, shape) -> tuple:
     """(weight change, bias change or None) that ComfyUI applies to a zero weight / bias at strength 1."""
     import torch
@@ -126,6 +117,7 @@ def main(argv=None) -> dict:
     import comfy.options
     comfy.options.enable_args_parsing()
 
+    from comfy_lora_equivalence import _Collect  # beside this file
     from trainers.merge.module_delta import ModuleDelta
 
     collect = _Collect()
