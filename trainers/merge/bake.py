@@ -9,10 +9,10 @@ import time
 import torch
 
 from ..core import host, safetensors_file
+from ..core.modelspec import modelspec
 from ..core.safetensors_file import Pending
 from ..families.checkpoint_save import STALE
 from ..families.registry import get_family
-from ..core.modelspec import modelspec
 from .adapter_file import read_adapter
 from .outputs import MergeError, MergeResult, open_checkpoint, save_new, source_record
 
@@ -52,8 +52,8 @@ def bake(base: str, adapters: list[tuple[str, float, float]], output_name: str, 
     family = get_family(modules.family)
     method = {"method": "bake", "base": source_record(base),
               "adapters": [source_record(p, unet_strength=u, text_strength=t) for p, u, t in adapters]}
-    metadata = {**{k: v for k, v in checkpoint.metadata.items() if not k.startswith(("modelspec.", "personalize.merge"))},
-                **modelspec(family.architecture, output_name, started),
+    kept = {k: v for k, v in checkpoint.metadata.items() if not k.startswith(("modelspec.", "personalize.merge"))}
+    metadata = {**kept, **modelspec(family.architecture, output_name, started),
                 "personalize.merge": json.dumps(method, sort_keys=True)}
     path = save_new("checkpoints", output_name, "baked", tensors, metadata)
     return MergeResult(path=path, kind="checkpoint", seconds=time.time() - started,
