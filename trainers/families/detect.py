@@ -29,5 +29,10 @@ def family_of(path: str) -> str:
             entries, _, _ = read_header(f)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"'{path}' is not a readable safetensors file ({e}).") from e
-    # check_family reads key names and one shape: the header has both.
-    return check_family({name: SimpleNamespace(shape=e["shape"]) for name, e in entries.items()}, path)
+    return check_family(header_shapes(entries), path)
+
+
+def header_shapes(entries: dict) -> dict:
+    """A safetensors header's entries as stand-ins for its tensors: what check_family and the config inference
+    read of a tensor (`shape`, `ndim`) without reading the tensor."""
+    return {k: SimpleNamespace(shape=tuple(e["shape"]), ndim=len(e["shape"])) for k, e in entries.items()}

@@ -10,7 +10,6 @@ Formats read:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from ..families import ldm_keys
@@ -36,10 +35,6 @@ class Adapter:
     path: str
     modules: dict  # kohya stem -> ModuleDelta
     metadata: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return os.path.splitext(os.path.basename(self.path))[0]
 
 
 def read_adapter(path: str, modules: ModuleMap) -> Adapter:

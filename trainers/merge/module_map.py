@@ -12,10 +12,10 @@ Adapter files in other formats are renamed to these stems by `canonical_stem` (a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 from ..families import ldm_keys, sdxl_text_keys
 from ..families.config_inference import check_family, infer_sdxl_unet_config, infer_unet_config
+from ..families.detect import header_shapes
 
 UNET = ldm_keys.UNET_PREFIX
 SD1_TEXT = ldm_keys.TEXT_PREFIX
@@ -68,14 +68,9 @@ class ModuleMap:
         return out
 
 
-def _shapes(entries: dict) -> dict:
-    """check_family and infer_unet_config read `.shape` and `.ndim`: a header gives both."""
-    return {k: SimpleNamespace(shape=tuple(e["shape"]), ndim=len(e["shape"])) for k, e in entries.items()}
-
-
 def module_map(entries: dict, path: str) -> ModuleMap:
     """The module map of a checkpoint from its safetensors header entries ({key: {"shape": ...}})."""
-    shapes = _shapes(entries)
+    shapes = header_shapes(entries)
     family = check_family(shapes, path)
     unet = {k[len(UNET):]: v for k, v in shapes.items() if k.startswith(UNET)}
     if family == "sdxl":  # the added embedding takes OpenCLIP-G's pooled projection
