@@ -5,6 +5,8 @@ The engine (trainers/evaluate/) is imported inside the functions, so loading the
 """
 from __future__ import annotations
 
+import os
+
 from ..trainers.core import host
 from .benchmark import COST
 from .unload import UnloadNode
@@ -120,7 +122,11 @@ class CompareModels:
         table = report.markdown()
         chart_batch = pil_to_image(list(pictures.values())) if pictures else pil_to_image(
             [charts.bar_chart("no metric", {})])
-        return {"ui": {"text": [table]}, "result": (table, chart_batch, pil_to_image(grid), folder)}
+        # "table": the same table as cells, which the canvas renders as HTML (web/live.js); "files": the report's
+        # files as /view takes them (the run-workflow client downloads them)
+        files = [ref for ref in (host.output_ref(os.path.join(folder, f)) for f in sorted(os.listdir(folder))) if ref]
+        ui = {"text": [table], "table": [report.cells()], "files": files}
+        return {"ui": ui, "result": (table, chart_batch, pil_to_image(grid), folder)}
 
 
 def _subject_photos(batch, folder: str) -> list:

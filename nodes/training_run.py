@@ -54,7 +54,8 @@ def run_training(ckpt_name: str, dataset_folder: str, dataset, **settings):
     name = os.path.relpath(result.artifact.path, host.model_dirs(FOLDERS[kind])[0]).replace(os.sep, "/")
     valid = pil_to_image(result.validation_image) if result.validation_image is not None else blank_image()
     text = "\n".join([f"{name}: {result.steps} steps, run folder {result.run_dir}", *result.notes])
-    return name, {"text": [text]}, pil_to_image(result.loss_image()), valid
+    # "run": the run folder's name, for the canvas's link to its files (web/live.js)
+    return name, {"text": [text], "run": [os.path.basename(result.run_dir)]}, pil_to_image(result.loss_image()), valid
 
 
 FOLDERS = {"lora": "loras", "embedding": "embeddings", "checkpoint": "checkpoints"}  # artifact kind -> the ComfyUI model folder it is in

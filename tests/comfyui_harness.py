@@ -12,8 +12,8 @@ in a temporary folder, so a test sees only the files it put there.
         assert execution_error(entry) is None
 
 Also here: `lora_keys_not_loaded(log)` (what ComfyUI's LoRA loader ignored; pair it with
-`log_size()`/`log_since(mark)` to read one prompt's log), and `ui_to_api(workflow, object_info)`,
-which turns a workflow saved by the frontend (workflows/*.json) into an API prompt.
+`log_size()`/`log_since(mark)` to read one prompt's log). A workflow saved by the frontend (workflows/*.json)
+becomes an API prompt through the pack's own trainers/graph/api_format.py `ui_to_api`.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import urllib.request
 import uuid
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 PACK_FOLDER = "ComfyUI-Personalize"
 # Model folders the temporary YAML points at; tests drop files into these.
 MODEL_FOLDERS = ("checkpoints", "loras", "embeddings", "vae", "clip", "diffusers", "blip", "metrics")
@@ -134,17 +135,17 @@ print("IMPORT_PROBE " + json.dumps({"seconds": seconds, "added_top_level_modules
 
 
 def measure_pack_import(comfy_dir: str | None = None, pack_folder: str = PACK_FOLDER,
-                        python: str | None = None, timeout: float = 180.0) -> dict:
+                        python: str | None = None, timeout: float = 180.0, pack_path: str | None = None) -> dict:
     """Time the pack's import inside ComfyUI's interpreter with ms resolution.
 
     Returns {"seconds", "added_top_level_modules" (what the import pulled in that
     ComfyUI had not loaded), "nodes" (NODE_CLASS_MAPPINGS keys)}. The pack must be
-    installed (install_pack) first.
+    installed (install_pack) first, in the checkout's custom_nodes unless `pack_path` names where it is.
     """
     comfy_dir = comfy_dir or comfyui_dir()
     venv = os.path.join(comfy_dir, "venv", "bin", "python")
     python = python or (venv if os.path.exists(venv) else sys.executable)
-    pack = os.path.join(comfy_dir, "custom_nodes", pack_folder)
+    pack = pack_path or os.path.join(comfy_dir, "custom_nodes", pack_folder)
     proc = subprocess.run([python, "-c", _IMPORT_PROBE, comfy_dir, pack], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     for line in proc.stdout.splitlines():
@@ -202,6 +203,11 @@ class ComfyServer:
         self._proc = None
         self._log = None
 
+    @property
+    def pack_path(self) -> str:
+        """Where this server imports the pack from: <work dir>/custom_nodes/<pack folder>, a link to the repo."""
+        return os.path.join(self.work_dir, "custom_nodes", self.pack_folder)
+
     def model_folder(self, name: str) -> str:
         return os.path.join(self.models_dir, name)
 
@@ -229,7 +235,10 @@ class ComfyServer:
         for d in [self.output_dir, self.input_dir, self.user_dir] + \
                  [self.model_folder(n) for n in MODEL_FOLDERS]:
             os.makedirs(d, exist_ok=True)
-        install_pack(self.comfy_dir, self.pack_dir, self.pack_folder)
+        # The pack in this server's own custom_nodes (--base-directory): packs installed in the checkout, or this
+        # pack under another folder name by another test, do not load beside it.
+        os.makedirs(os.path.join(self.work_dir, "custom_nodes"), exist_ok=True)
+        install_pack(self.work_dir, self.pack_dir, self.pack_folder)
         yaml_path = os.path.join(self.work_dir, "extra_model_paths.yaml")
         write_model_paths_yaml(yaml_path, self.models_dir)
         self.port = free_port()
@@ -239,7 +248,7 @@ class ComfyServer:
                "--output-directory", self.output_dir, "--input-directory", self.input_dir,
                "--temp-directory", self.temp_root, "--user-directory", self.user_dir,
                "--database-url", f"sqlite:///{os.path.join(self.work_dir, 'comfyui.db')}",
-               *self.extra_args]
+               "--base-directory", self.work_dir, *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
         self._log = open(self.log_path, "wb")
         self._proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log,
@@ -423,125 +432,3 @@ def wait_until(predicate, timeout: float, poll: float = 0.1, what: str = "condit
             return value
         time.sleep(poll)
     raise ComfyError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-# --- UI workflows -------------------------------------------------------------
-# Frontend-only nodes: they never reach the server.
-VIRTUAL_NODES = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
-MODE_MUTED, MODE_BYPASSED = 2, 4
-
-
-def _link_table(workflow: dict) -> dict:
-    """link id -> (origin node, origin slot, target node, target slot, type); both link layouts."""
-    table = {}
-    for link in workflow.get("links") or []:
-        if isinstance(link, dict):
-            table[link["id"]] = (link["origin_id"], link["origin_slot"], link["target_id"],
-                                 link["target_slot"], link.get("type"))
-        else:
-            table[link[0]] = tuple(link[1:6])
-    return table
-
-
-def widget_values_per_input(name: str, spec) -> int:
-    """How many widgets_values entries the frontend stores for one input (0: a socket, not a widget).
-
-    Mirrors ComfyUI_frontend: INT inputs named seed/noise_seed (or any INT/COMBO with
-    control_after_generate) get a second "control_after_generate" value ("fixed", "randomize", ...);
-    forceInput inputs are sockets; an image-upload combo stores the upload button's value too.
-    """
-    kind = spec[0]
-    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    if opts.get("forceInput"):
-        return 0
-    combo = isinstance(kind, list) or kind == "COMBO"
-    if not combo and kind not in WIDGET_TYPES:
-        return 0
-    control = opts.get("control_after_generate")
-    if control is None and kind == "INT":
-        control = name in ("seed", "noise_seed")
-    upload = combo and any(opts.get(k) for k in ("image_upload", "video_upload", "animated_image_upload"))
-    return 1 + bool(control) + bool(upload)
-
-
-def widget_inputs(node_info: dict) -> list[tuple[str, int, bool]]:
-    """(input name, widgets_values entries, required) in the order the frontend creates widgets."""
-    spec = node_info.get("input") or {}
-    order = node_info.get("input_order") or {k: list(v) for k, v in spec.items()}
-    out = []
-    for section in ("required", "optional"):
-        for name in order.get(section, []):
-            count = widget_values_per_input(name, spec[section][name])
-            if count:
-                out.append((name, count, section == "required"))
-    return out
-
-
-def ui_to_api(workflow: dict, object_info: dict) -> dict:
-    """Convert a UI (canvas) workflow, as saved by ComfyUI's frontend, to an API prompt.
-
-    Widget values are matched to inputs by the order of /object_info (required, then
-    optional, control_after_generate values skipped); a linked input takes the link.
-    Notes are dropped, Reroutes are followed, muted nodes are left out and bypassed nodes
-    pass each output on from their first input of the same type, as the frontend does.
-    """
-    nodes = {n["id"]: n for n in workflow["nodes"]}
-    links = _link_table(workflow)
-
-    def source(link_id, seen=()):
-        """[node id, slot] that feeds this link, through reroutes and bypassed nodes (None: nothing)."""
-        origin, slot, _, _, kind = links[link_id]
-        node = nodes.get(origin)
-        if node is None or link_id in seen:
-            raise ValueError(f"link {link_id} comes from missing node {origin} (or loops)")
-        if node["type"] == "PrimitiveNode":
-            return None  # its value was copied into the target's widget
-        if node["type"] == "Reroute":
-            upstream = (node.get("inputs") or [{}])[0].get("link")
-            return None if upstream is None else source(upstream, seen + (link_id,))
-        if node.get("mode") == MODE_BYPASSED:
-            out_type = (node.get("outputs") or [])[slot].get("type", kind)
-            for inp in node.get("inputs") or []:
-                if inp.get("link") is not None and inp.get("type") == out_type:
-                    return source(inp["link"], seen + (link_id,))
-            return None
-        if node.get("mode") == MODE_MUTED:
-            return None
-        return [str(origin), slot]
-
-    prompt = {}
-    for node_id, node in nodes.items():
-        kind = node["type"]
-        if kind in VIRTUAL_NODES or node.get("mode") in (MODE_MUTED, MODE_BYPASSED):
-            continue
-        info = object_info.get(kind)
-        if info is None:
-            raise ValueError(f"node {node_id} has type {kind!r}, which this ComfyUI does not know "
-                             f"(a custom node that is not installed?)")
-        values = node.get("widgets_values") or []
-        inputs = {}
-        if isinstance(values, dict):  # some nodes save their widgets by name
-            inputs.update({k: v for k, v in values.items()})
-        else:
-            pos = 0
-            for name, count, required in widget_inputs(info):
-                if pos >= len(values):
-                    if required:
-                        raise ValueError(f"node {node_id} ({kind}) has {len(values)} widget values; "
-                                         f"'{name}' has none")
-                    break
-                inputs[name] = values[pos]
-                pos += count
-            if pos != len(values):
-                raise ValueError(f"node {node_id} ({kind}) has {len(values)} widget values, "
-                                 f"its inputs take {pos}")
-        for slot in node.get("inputs") or []:
-            if slot.get("link") is None:
-                continue
-            src = source(slot["link"])
-            if src is not None:
-                inputs[slot["name"]] = src
-        prompt[str(node_id)] = {"class_type": kind, "inputs": inputs,
-                                "_meta": {"title": node.get("title") or kind}}
-    return prompt

@@ -570,7 +570,7 @@ def test_command_line_builds_and_writes_a_preview(tmp_path, capsys):
 
 
 def test_shipped_workflow_builds_from_the_caption_folder_output(tmp_path, nodes):
-    from comfyui_harness import ui_to_api
+    from trainers.graph.api_format import ui_to_api
     from test_workflows import object_info
 
     with open(os.path.join(ROOT, "workflows", "caption_and_build_dataset.json"), encoding="utf-8") as f:

@@ -6,38 +6,24 @@ widgets with their control_after_generate value), so the frontend loads it as dr
 tests/test_comfyui_integration.py runs each one in a real ComfyUI.
 """
 import glob
+import importlib
 import json
 import os
+import sys
 
 import pytest
 
 from pack_loader import load_pack
-from comfyui_harness import VIRTUAL_NODES, ui_to_api, widget_inputs
+from trainers.graph.api_format import VIRTUAL_NODES, is_api_prompt, ui_to_api, widget_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
 
-_MODEL, _INT, _FLOAT = [[], {}], ["INT", {}], ["FLOAT", {}]
-# The ComfyUI core nodes a workflow may use: inputs in INPUT_TYPES order (from ComfyUI's nodes.py)
-# and outputs. Combo options are left empty: they depend on the user's model folders.
-CORE_NODES = {
-    "CheckpointLoaderSimple": ({"ckpt_name": _MODEL}, ["MODEL", "CLIP", "VAE"]),
-    "LoraLoader": ({"model": ["MODEL"], "clip": ["CLIP"], "lora_name": _MODEL, "strength_model": _FLOAT,
-                    "strength_clip": _FLOAT}, ["MODEL", "CLIP"]),
-    "CLIPTextEncode": ({"text": ["STRING", {"multiline": True}], "clip": ["CLIP"]}, ["CONDITIONING"]),
-    "EmptyLatentImage": ({"width": _INT, "height": _INT, "batch_size": _INT}, ["LATENT"]),
-    "KSampler": ({"model": ["MODEL"], "seed": ["INT", {"control_after_generate": True}], "steps": _INT,
-                  "cfg": _FLOAT, "sampler_name": _MODEL, "scheduler": _MODEL, "positive": ["CONDITIONING"],
-                  "negative": ["CONDITIONING"], "latent_image": ["LATENT"], "denoise": _FLOAT}, ["LATENT"]),
-    "VAEDecode": ({"samples": ["LATENT"], "vae": ["VAE"]}, ["IMAGE"]),
-    "VAEEncode": ({"pixels": ["IMAGE"], "vae": ["VAE"]}, ["LATENT"]),
-    "SaveImage": ({"images": ["IMAGE"], "filename_prefix": ["STRING", {}]}, []),
-    "PreviewImage": ({"images": ["IMAGE"]}, []),
-    "LoadImage": ({"image": [[], {"image_upload": True}]}, ["IMAGE", "MASK"]),
-    "StringConcatenate": ({"string_a": ["STRING", {"multiline": True}], "string_b": ["STRING", {"multiline": True}],
-                           "delimiter": ["STRING", {}]}, ["STRING"]),
-}
-
+# ComfyUI's own nodes are checked against a committed copy of their /object_info entries
+# (trainers/graph/comfy_core_nodes.json; the COMFYUI_DIR tier checks it against a real server).
+export_workflows = importlib.import_module("export_workflows")
+CORE_NODES = export_workflows.core_nodes()
 
 # Our inputs whose choices are the user's model folders: a workflow names the folder a user is told to create
 # (README), which the test machine does not have.
@@ -46,15 +32,7 @@ MODEL_FOLDER_INPUTS = {("PersonalizeCompareModels", name) for name in ("clip_mod
 
 def object_info() -> dict:
     """/object_info as the server would give it, for our nodes and CORE_NODES."""
-    info = {}
-    for name, cls in load_pack().NODE_CLASS_MAPPINGS.items():
-        spec = {k: v for k, v in cls.INPUT_TYPES().items() if k != "hidden"}
-        info[name] = {"input": spec, "input_order": {k: list(v) for k, v in spec.items()},
-                      "output": list(cls.RETURN_TYPES)}
-    for name, (required, outputs) in CORE_NODES.items():
-        info[name] = {"input": {"required": required}, "input_order": {"required": list(required)},
-                      "output": outputs}
-    return info
+    return export_workflows.object_info()
 
 
 def _spec(info: dict, name: str):
@@ -131,7 +109,9 @@ def test_widget_values_fit_the_nodes(workflow):
         for name, value in api.items():
             spec = _spec(node_info, name)
             kind = spec[0]
-            if isinstance(kind, list) and kind and (node["type"], name) not in MODEL_FOLDER_INPUTS:  # fixed choices
+            # fixed choices; an empty list (ComfyUI's model-file combos) and our metric-model folders take a file
+            # name as a placeholder the user replaces
+            if isinstance(kind, list) and kind and (node["type"], name) not in MODEL_FOLDER_INPUTS:
                 assert value in kind, f"{node['type']}.{name}={value!r} is not one of {kind}"
             elif kind in ("INT", "FLOAT"):
                 opts = spec[1] if len(spec) > 1 else {}
@@ -141,6 +121,28 @@ def test_widget_values_fit_the_nodes(workflow):
                 assert isinstance(value, bool), (node["type"], name, value)
             elif kind == "STRING":
                 assert isinstance(value, str), (node["type"], name, value)
+
+
+def test_api_forms_are_generated_from_the_ui_forms():
+    """workflows/api/ is what tools/export_workflows.py makes of workflows/: edited by hand or left stale, it fails."""
+    assert export_workflows.drift() == []
+    for path in WORKFLOWS:
+        with open(export_workflows.api_path(path), encoding="utf-8") as f:
+            prompt = json.load(f)
+        assert is_api_prompt(prompt) and all(n["_meta"]["title"] for n in prompt.values())
+
+
+def test_drift_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(export_workflows, "API_DIR", str(tmp_path))
+    export_workflows.export()
+    first = sorted(os.listdir(tmp_path))[0]
+    with open(tmp_path / first, "a", encoding="utf-8") as f:
+        f.write(" ")
+    (tmp_path / "gone.json").write_text("{}")
+    assert export_workflows.drift() == [f"{os.path.relpath(export_workflows.api_path(first), ROOT)} is stale",
+                                        "workflows/api/gone.json has no workflows/gone.json"]
+    os.remove(tmp_path / first)
+    assert "is missing" in export_workflows.drift()[0]
 
 
 def shipped_prompt(name: str) -> tuple[dict, dict]:

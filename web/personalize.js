@@ -23,6 +23,7 @@ app.registerExtension({
         const onExecuted = nodeType.prototype.onExecuted;
         nodeType.prototype.onExecuted = function (message) {
             onExecuted?.apply(this, arguments);
+            if (message?.table) return;  // Compare Models: live.js renders the same table as HTML
             const text = message?.text?.join("\n");
             if (text) showText(this, "personalize_summary", text);
         };

@@ -7,6 +7,7 @@
     python -m trainers compare --model base=out/base --model lora=out/lora --photos photos/ --prompts p.txt \
         --class-noun dog
     python -m trainers merge extract --base base.safetensors --tuned dreambooth.safetensors --rank 32 --name subject
+    python -m trainers run-workflow workflows/api/train_lora_sd15.json --server http://127.0.0.1:8188 --upload photos/
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from .caption import add_caption_command
 from .compare import add_compare_command
 from .demo import add_demo_command
 from .merge import add_merge_command
+from .run_workflow import add_run_workflow_command
 from .train import add_train_command
 
 COMMANDS = (add_train_command, add_demo_command, add_caption_command, add_build_command, add_compare_command,
-            add_merge_command)  # one module each
+            add_merge_command, add_run_workflow_command)  # one module each
 
 
 def build_parser() -> argparse.ArgumentParser:

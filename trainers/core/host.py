@@ -210,6 +210,48 @@ def _send_progress_text(text: str) -> None:
         pass
 
 
+def _event_target():
+    """(ComfyUI's PromptServer, get_executing_context) inside a running ComfyUI, else None."""
+    try:
+        from comfy_execution.utils import get_executing_context  # type: ignore
+        from server import PromptServer  # type: ignore
+
+        server = PromptServer.instance
+    except Exception:
+        return None
+    return (server, get_executing_context) if server is not None else None
+
+
+def live_events() -> bool:
+    """Whether send_event reaches a page (the loop asks once per run, not per step)."""
+    return _event_target() is not None
+
+
+def send_event(kind: str, data: dict) -> None:
+    """Send "personalize.<kind>" to the page that queued the running prompt (web/live.js), with the
+    executing node's id added as "node"; a no-op outside ComfyUI."""
+    target = _event_target()
+    if target is None:
+        return
+    server, executing = target
+    context = executing()
+    # As ComfyUI's own progress hook: the executing context, else the server's last node.
+    node = context.node_id if context is not None else getattr(server, "last_node_id", None)
+    prompt = context.prompt_id if context is not None else getattr(server, "last_prompt_id", None)
+    server.send_sync("personalize." + kind, {**data, "node": node, "prompt_id": prompt},
+                     getattr(server, "client_id", None))  # node ids belong to that page's graph
+
+
+def output_ref(path: str) -> dict | None:
+    """{filename, subfolder, type: "output"} of a file inside the output folder, as ComfyUI's /view route takes
+    it; None for a file elsewhere."""
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(output_dir()))
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+        return None
+    subfolder, filename = os.path.split(rel)
+    return {"filename": filename, "subfolder": subfolder.replace(os.sep, "/"), "type": "output"}
+
+
 def add_json_route(path: str, handler) -> bool:
     """Serve GET `path` on ComfyUI's server (and /api`path`, as ComfyUI mirrors every route): `handler(query)` with
     the query string as a dict returns (HTTP status, JSON-able body). False outside ComfyUI: nothing to serve."""

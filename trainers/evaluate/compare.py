@@ -55,15 +55,21 @@ class Report:
     def backbones(self) -> dict[str, str]:
         return {m: s.backbone for row in self.scores.values() for m, s in row.items()}
 
-    def markdown(self) -> str:
+    def cells(self) -> dict:
+        """The table as text cells ("-" where a model has no value) and its note: what markdown() prints, and
+        what the canvas draws as HTML."""
         cols = self.columns()
-        lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        for label in self.labels():
-            lines.append(f"| {label} | " + " | ".join(_cell(self.value(label, c)) for c in cols) + " |")
         notes = [f"{m}: {b}" for m, b in self.backbones().items()]
-        if notes:
-            lines += ["", "Backbones: " + ", ".join(notes) + ". PRES: lower is better; the others: higher."]
-        return "\n".join(lines)
+        return {"header": ["model", *cols],
+                "rows": [[label, *(_cell(self.value(label, c)) for c in cols)] for label in self.labels()],
+                "note": "Backbones: " + ", ".join(notes) + ". PRES: lower is better; the others: higher."
+                        if notes else ""}
+
+    def markdown(self) -> str:
+        table = self.cells()
+        lines = ["| " + " | ".join(table["header"]) + " |", "|---" * len(table["header"]) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in table["rows"]]
+        return "\n".join(lines + (["", table["note"]] if table["note"] else []))
 
     def to_json(self) -> dict:
         return {"prompts": self.prompts, "images_per_prompt": self.per_prompt,

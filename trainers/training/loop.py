@@ -27,6 +27,7 @@ from ..families.registry import get_family
 from ..methods.base import Artifact, TrainData
 from ..methods.registry import get_method
 from . import batches, objective
+from .live import live_events
 from .plots import log_curve
 from .resume import TrainingError, restore
 
@@ -146,9 +147,11 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     history = run.read_log() if accelerator.is_main_process else []
     bar = host.Progress(cfg.steps)
+    live = live_events(run, cfg.steps, accelerator.is_main_process)  # the canvas's chart (None: no page)
     validation_image = None
     started = time.time()
     step = start_step
+    sample = None  # a validation image written at this step (for the canvas)
     for model in (unet, *wrapped):
         model.train()
 
@@ -207,11 +210,15 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
             if cfg.validation_prompt and cfg.validation_every and step % cfg.validation_every == 0 \
                     and step < cfg.steps:
                 validation_image = _validate(cfg, method, comps, accelerator, unet, run, step, device)
+                sample = run.sample_path(step)
             if progress is not None:
                 progress(step, cfg.steps, loss_value)
             if host.in_comfyui():
                 bar.update(step, log_curve(history, 256, 128),
                            text=f"step {step}/{cfg.steps}  loss {loss_value:.4f}  lr {lr:.2e}")
+            if live is not None:
+                live.step(step, loss_value, lr, sample)
+                sample = None
             host.check_interrupt()  # Cancel: raises here, after a finished step
     except BaseException as exc:
         if host.is_interrupt(exc) and step > start_step:
@@ -223,6 +230,8 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     optimizer.state.clear()  # its moments (twice the trained weights) are not needed past the checkpoint
     if cfg.validation_prompt:
         validation_image = _validate(cfg, method, comps, accelerator, unet, run, step, device)
+        if live is not None:
+            live.image(step, run.sample_path(step))
     artifact = None
     if accelerator.is_main_process:
         artifact = method.export(comps, family, captions=[it.caption for it in items], dataset_dir=cfg.dataset,
