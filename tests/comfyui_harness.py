@@ -326,7 +326,7 @@ class ComfyServer:
 
     def pack_import_time(self) -> tuple[float, bool] | None:
         """(seconds, imported_ok) of this pack from the start-up log, or None if not listed."""
-        link = os.path.join(self.comfy_dir, "custom_nodes", self.pack_folder)
+        link = self.pack_path
         for path, value in custom_node_import_times(self.log_text()).items():
             if os.path.normpath(path) == os.path.normpath(link):
                 return value

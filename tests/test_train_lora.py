@@ -264,3 +264,31 @@ def test_optimizer_fallbacks_and_schedules(env, fresh, caplog):
     pytest.importorskip("prodigyopt")
     result = train(cfg_for(env, steps=2, optimizer="prodigy", unet_lr=1.0), components=fresh())
     assert len(result.log) == 2
+
+
+@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+def test_a_run_that_loaded_its_base_frees_the_frozen_models_once_cached(env, fresh, monkeypatch, method):
+    """Without validation images, a LoRA run frees the VAE and the frozen text encoders after caching their outputs
+    (the same LoRA comes out); a DreamBooth run keeps them, since its checkpoint holds them."""
+    from trainers.training import loop
+
+    loaded = []
+
+    def load(cfg):
+        loaded.append(fresh())
+        return loaded[-1]
+
+    monkeypatch.setattr(loop, "_load_base", load)
+    extra = dict(class_prompt="a photo of a ball", num_class_images=1, class_sample_steps=1) \
+        if method == "dreambooth" else {}
+    train(cfg_for(env, method=method, steps=2, output_name="freed", **extra))
+    comps = loaded[0]
+    freed = [m for m in (comps.vae, *comps.text_encoders) if next(m.parameters()).is_meta]
+    assert (len(freed) == 1 + len(comps.text_encoders)) if method == "lora" else freed == []
+    assert not next(comps.unet.parameters()).is_meta
+    if method == "lora":  # the same adapter as a run that keeps them (components passed in are never freed)
+        train(cfg_for(env, steps=2, output_name="kept"), components=fresh())
+        freed_file, kept_file = load_file(str(env["loras"] / "freed.safetensors")), \
+            load_file(str(env["loras"] / "kept.safetensors"))
+        assert freed_file.keys() == kept_file.keys()
+        assert all(torch.equal(freed_file[k], kept_file[k]) for k in freed_file)

@@ -95,6 +95,19 @@ def test_links_are_consistent(workflow):
                 assert by_id[link_id][1:3] == [node["id"], slot]
 
 
+def test_every_required_socket_is_linked(workflow):
+    """A required input that is not a widget (MODEL, CLIP, IMAGE...) must come by a link, or the server refuses
+    the graph."""
+    info = object_info()
+    for node in workflow["nodes"]:
+        if node["type"] in VIRTUAL_NODES:
+            continue
+        widgets = {name for name, _, _ in widget_inputs(info[node["type"]])}
+        linked = {i["name"] for i in node.get("inputs") or [] if i.get("link") is not None}
+        for name in info[node["type"]]["input"].get("required", {}):
+            assert name in widgets or name in linked, f"{node['type']} (node {node['id']}): '{name}' is not linked"
+
+
 def test_widget_values_fit_the_nodes(workflow):
     info = object_info()
     for node in workflow["nodes"]:

@@ -47,6 +47,9 @@ class TrainingMethod:
     """Base class of the methods; the defaults are plain fine-tuning of the parameters `setup` returns."""
 
     name = ""
+    # Whether export() reads the frozen models (VAE, untrained text encoders): a checkpoint does, an adapter does
+    # not, so a run without validation images may free them once their outputs are cached.
+    export_reads_frozen_models = True
 
     def __init__(self, cfg):
         self.cfg = cfg

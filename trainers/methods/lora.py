@@ -12,6 +12,7 @@ class LoraMethod(TrainingMethod):
     kohya / LyCORIS file in models/loras."""
 
     name = "lora"
+    export_reads_frozen_models = False  # the adapter file holds only what trained
 
     def __init__(self, cfg):
         super().__init__(cfg)

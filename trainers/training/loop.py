@@ -94,6 +94,11 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
                                                             flip=cfg.flip, device=device, rescaled=True))
                        for name, its in streams.items()}
     comps.vae.to("cpu")
+    # Nothing reads a frozen model again once its outputs are cached, unless validation images or the export need
+    # it: a run that loaded its own base frees it (the text encoders of SDXL are 3 GB in fp32).
+    release = components is None and not cfg.validation_prompt and not method.export_reads_frozen_models
+    if release:
+        _release(comps.vae)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the same seed gives the same initial adapter weights
         groups = method.setup(comps)
@@ -107,7 +112,10 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
             captions = caches.CaptionCache.build(texts,
                                                  lambda texts: family.encode(comps, texts).to("cpu", torch.float32))
         for encoder in comps.text_encoders:
-            encoder.to("cpu")
+            if release:
+                _release(encoder)
+            else:
+                encoder.to("cpu")
         heap.trim()  # the encoders' activations
     _to_training_dtype(comps, bool(trained_encoders), weight_dtype, device)
     if cfg.gradient_checkpointing:
@@ -241,6 +249,13 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     accelerator.wait_for_everyone()
     return TrainResult(artifact=artifact, run_dir=run.path, steps=step, log=history,
                        validation_image=validation_image, notes=notes)
+
+
+def _release(model) -> None:
+    """Free a model's weights for the rest of the run: they become meta tensors, which any later use refuses
+    loudly."""
+    model.to("meta")
+    heap.trim()
 
 
 @contextmanager
