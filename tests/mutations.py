@@ -522,6 +522,14 @@ MUTATIONS += [
     Mutation("api_forms_drift_unnoticed", "tools/export_workflows.py",
              "        if current != api_text(path, info):\n", "        if current is None:\n",
              ("tests/test_workflows.py::test_drift_is_reported",)),
+    Mutation("frozen_models_never_freed", "trainers/training/loop.py",
+             "    release = components is None and not cfg.validation_prompt and not method.export_reads_frozen_models\n",
+             "    release = False\n",
+             ("tests/test_train_lora.py::test_a_run_that_loaded_its_base_frees_the_frozen_models_once_cached",)),
+    Mutation("frozen_models_freed_for_checkpoints", "trainers/training/loop.py",
+             "    release = components is None and not cfg.validation_prompt and not method.export_reads_frozen_models\n",
+             "    release = components is None and not cfg.validation_prompt\n",
+             ("tests/test_train_lora.py::test_a_run_that_loaded_its_base_frees_the_frozen_models_once_cached",)),
 ]
 
 
