@@ -225,6 +225,10 @@ class FakeComfy:
                     "exception_type": "FileNotFoundError", "exception_message": "Dataset folder 'fail' not found",
                     "traceback": []}})
                 return
+            if node["inputs"].get("dataset_folder") == "cancel":  # Cancel pressed while this node ran
+                self.send({"type": "execution_interrupted", "data": {
+                    "prompt_id": prompt_id, "node_id": node_id, "node_type": node["class_type"], "executed": []}})
+                return
             self.send({"type": "progress", "data": {"node": node_id, "value": 1, "max": 1, "prompt_id": prompt_id}})
         self.send({"type": "executing", "data": {"node": None, "prompt_id": prompt_id}})
 
@@ -265,6 +269,8 @@ def test_run_workflow_uploads_sets_follows_and_downloads(tmp_path, capsys):
     assert main(failing) == 1
     assert "node 2 (PersonalizeTrainLoRA) failed: FileNotFoundError: Dataset folder 'fail' not found" in \
         capsys.readouterr().err
+    assert main(args[:-1] + ["Train LoRA (Personalize).dataset_folder=cancel"]) == 1
+    assert "interrupted at node 2 (PersonalizeTrainLoRA)" in capsys.readouterr().err
     refused = args + ["--set", "Load Checkpoint.ckpt_name=missing.safetensors"]
     assert main(refused) == 1
     assert "Prompt outputs failed validation\n  node 1 (CheckpointLoaderSimple): Value not in list" in \
