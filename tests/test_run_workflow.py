@@ -139,7 +139,7 @@ class FakeComfy:
     def __init__(self, tmp):
         import http.server
 
-        self.inputs, self.prompts, self.sockets = tmp / "input", {}, []
+        self.inputs, self.prompts, self.sockets, self.cancelled = tmp / "input", {}, [], []
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -176,7 +176,15 @@ class FakeComfy:
                     (owner.inputs / sub).mkdir(parents=True, exist_ok=True)
                     (owner.inputs / sub / name).write_bytes(content)
                     return self.reply(200, {"name": name, "subfolder": sub, "type": "input"})
+                if self.path in ("/queue", "/interrupt"):
+                    owner.cancelled.append((self.path, json.loads(body)))
+                    return self.reply(200, b"", "text/plain")
                 prompt = json.loads(body)["prompt"]
+                half = [i for i, n in prompt.items() if n["inputs"].get("steps") == -1]
+                if half:  # ComfyUI queues the outputs that validate and names the nodes that did not
+                    return self.reply(200, {"prompt_id": "half", "number": 0, "node_errors": {half[0]: {
+                        "class_type": prompt[half[0]]["class_type"], "errors": [{"message": "Value -1 smaller "
+                                                                                 "than min of 1"}]}}})
                 bad = [i for i, n in prompt.items() if n["inputs"].get("ckpt_name") == "missing.safetensors"]
                 if bad:
                     return self.reply(400, {"error": {"type": "prompt_outputs_failed_validation",
@@ -275,4 +283,7 @@ def test_run_workflow_uploads_sets_follows_and_downloads(tmp_path, capsys):
     assert main(refused) == 1
     assert "Prompt outputs failed validation\n  node 1 (CheckpointLoaderSimple): Value not in list" in \
         capsys.readouterr().err
+    assert main(args[:-1] + ["Train LoRA (Personalize).steps=-1"]) == 1  # half a graph queued: taken off again
+    assert "refused part of the workflow" in capsys.readouterr().err
+    assert fake.cancelled == [("/queue", {"delete": ["half"]}), ("/interrupt", {"prompt_id": "half"})]
     fake.server.shutdown()

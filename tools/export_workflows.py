@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib
 import json
 import os
 import sys
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-from pack_loader import load_pack  # noqa: E402 (the pack imported as ComfyUI does, by its folder)
-from trainers.graph.api_format import VIRTUAL_NODES, describe, ui_to_api  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from pack_loader import PACK, load_pack  # noqa: E402 (the pack imported as ComfyUI does, by its folder)
+
+load_pack()
+_format = importlib.import_module(PACK + ".trainers.graph.api_format")
+VIRTUAL_NODES, describe, ui_to_api = _format.VIRTUAL_NODES, _format.describe, _format.ui_to_api
 
 WORKFLOWS = os.path.join(ROOT, "workflows")
 API_DIR = os.path.join(WORKFLOWS, "api")

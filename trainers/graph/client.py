@@ -155,9 +155,21 @@ class ComfyClient:
             parsed = json.loads(answer)
         except ValueError:
             parsed = {"error": {"message": answer[:300].decode(errors="replace")}}
-        if status != 200 or parsed.get("node_errors"):
+        if status != 200:
+            raise WorkflowError(node_error_text(parsed))
+        if parsed.get("node_errors"):  # ComfyUI queued the valid part of the graph: a half run helps no one
+            self.cancel(parsed.get("prompt_id"))
+            parsed.setdefault("error", {"message": "ComfyUI refused part of the workflow (the rest was taken off "
+                                                   "the queue)"})
             raise WorkflowError(node_error_text(parsed))
         return parsed["prompt_id"]
+
+    def cancel(self, prompt_id: str | None) -> None:
+        """Take a prompt off the queue, or stop it if it has started."""
+        if prompt_id:
+            headers = {"Content-Type": "application/json"}
+            self._request("POST", "/queue", json.dumps({"delete": [prompt_id]}).encode(), headers)
+            self._request("POST", "/interrupt", json.dumps({"prompt_id": prompt_id}).encode(), headers)
 
     def websocket(self) -> WebSocket:
         url = self.server.replace("http://", "ws://", 1) + f"/ws?clientId={self.client_id}"
