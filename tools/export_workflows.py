@@ -29,7 +29,8 @@ VIRTUAL_NODES, describe, ui_to_api = _format.VIRTUAL_NODES, _format.describe, _f
 WORKFLOWS = os.path.join(ROOT, "workflows")
 API_DIR = os.path.join(WORKFLOWS, "api")
 CORE_NODES = os.path.join(ROOT, "trainers", "graph", "comfy_core_nodes.json")
-KEPT = ("input", "input_order", "output", "output_name", "display_name")  # what conversion and link checks read
+KEPT = ("input", "input_order", "output", "output_name", "display_name")
+MODEL_FILE_INPUTS = ("ckpt_name", "lora_name", "vae_name", "image")  # combos listing the server's own files  # what conversion and link checks read
 
 
 def core_nodes() -> dict:
@@ -98,7 +99,13 @@ def without_tooltips(entry: dict) -> dict:
 def core_description(server_info: dict, names) -> dict:
     """The committed description: the named core nodes' entries, tooltips dropped. A combo listing the server's
     model files is an empty list (any file name: the user's folders decide)."""
-    return {name: without_tooltips(server_info[name]) for name in sorted(names)}
+    description = {name: without_tooltips(server_info[name]) for name in sorted(names)}
+    for entry in description.values():
+        for inputs in entry["input"].values():
+            for name, spec in inputs.items():
+                if isinstance(spec[0], list) and name in MODEL_FILE_INPUTS:
+                    spec[0] = []
+    return description
 
 
 def used_core_types() -> set[str]:
@@ -115,11 +122,6 @@ def refresh_core(server: str) -> None:
         server_info = json.load(response)
     names = used_core_types() | set(core_nodes())
     description = core_description(server_info, names)
-    for entry in description.values():  # model-file combos depend on the server's folders
-        for inputs in entry["input"].values():
-            for name, spec in inputs.items():
-                if isinstance(spec[0], list) and name in ("ckpt_name", "lora_name", "vae_name", "image"):
-                    spec[0] = []
     with open(CORE_NODES, "w", encoding="utf-8") as f:
         json.dump(description, f, indent=1)
         f.write("\n")

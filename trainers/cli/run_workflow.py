@@ -92,7 +92,8 @@ def run_workflow(path: str, server: str, assignments=(), upload: str | None = No
 def save_results(client: comfy.ComfyClient, prompt: dict, outputs: dict, out: str) -> str:
     """Each node's files and text under <out>/<id>_<title>/, and outputs.json (what /history said)."""
     out = _new_folder(out)
-    folder = lambda node_id: os.path.join(out, f"{node_id}_{_safe(_title(prompt, node_id))}")  # noqa: E731
+    folder = lambda node_id: os.path.join(  # noqa: E731
+        out, f"{node_id}_{_safe(comfy.title(prompt[node_id]) if node_id in prompt else 'node')}")
     for node_id, ref in comfy.file_refs(outputs):
         client.download(ref, folder(node_id))
     for node_id, lines in comfy.texts(outputs).items():
@@ -102,11 +103,6 @@ def save_results(client: comfy.ComfyClient, prompt: dict, outputs: dict, out: st
     with open(os.path.join(out, "outputs.json"), "w", encoding="utf-8") as f:
         json.dump(outputs, f, indent=1)
     return out
-
-
-def _title(prompt: dict, node_id: str) -> str:
-    node = prompt.get(node_id, {})
-    return node.get("_meta", {}).get("title") or node.get("class_type", "node")
 
 
 def _safe(name: str) -> str:

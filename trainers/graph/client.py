@@ -26,11 +26,16 @@ class WorkflowError(RuntimeError):
 
 
 # --- the prompt ---------------------------------------------------------------------------------------------
+def title(node: dict) -> str:
+    """A node's title on the canvas (the API form keeps it in _meta), else its class."""
+    return node.get("_meta", {}).get("title") or node["class_type"]
+
+
 def find_nodes(prompt: dict, ref: str) -> list[str]:
     """Node ids a reference names: '#12' is node 12; otherwise the title (as on the canvas), else the class type."""
     if ref.startswith("#"):
         return [ref[1:]] if ref[1:] in prompt else []
-    for key in (lambda n: n.get("_meta", {}).get("title", ""), lambda n: n["class_type"]):
+    for key in (title, lambda n: n["class_type"]):
         found = [i for i, n in prompt.items() if key(n).casefold() == ref.casefold()]
         if found:
             return found
@@ -54,7 +59,7 @@ def set_input(prompt: dict, assignment: str) -> str:
         raise WorkflowError(f"--set {assignment!r}: write NODE_TITLE.input=value (or '#id.input=value')")
     found = find_nodes(prompt, ref)
     if not found:
-        titles = sorted({n.get("_meta", {}).get("title", n["class_type"]) for n in prompt.values()})
+        titles = sorted({title(n) for n in prompt.values()})
         raise WorkflowError(f"--set {assignment!r}: no node titled {ref!r}. Titles: {', '.join(titles)}")
     if len(found) > 1:
         raise WorkflowError(f"--set {assignment!r}: {len(found)} nodes are titled {ref!r} (ids "
@@ -76,7 +81,7 @@ def point_photo_inputs(prompt: dict, folder: str) -> list[str]:
         for name in PHOTO_FOLDER_INPUTS:
             if isinstance(node["inputs"].get(name), str) and node["inputs"][name]:
                 node["inputs"][name] = folder
-                changed.append(f"{node.get('_meta', {}).get('title', node['class_type'])}.{name}")
+                changed.append(f"{title(node)}.{name}")
     return changed
 
 
