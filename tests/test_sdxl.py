@@ -167,6 +167,58 @@ def test_a_load_holds_each_weight_once(toy_sdxl, toy_tokenizer_dir, tmp_path, mo
     assert all(handed > 0 and duplicates == 0 for _, handed, duplicates in seen), seen
 
 
+@pytest.mark.parametrize("form", ["single_file", "diffusers"])
+def test_a_text_first_load_reads_the_unet_and_vae_on_first_use_as_the_same_model(
+        toy_sdxl, toy_tokenizer_dir, tmp_path, monkeypatch, form):
+    """A trainer loads text-first (training/loop.py): the text encoders now, the UNet and VAE when first asked for,
+    so the encoders can cache captions and be freed before the rest takes memory. A VAE swap waits for them."""
+    from trainers.families import model_loading
+    from trainers.testing.toy_models import save_diffusers_folder, save_single_file
+
+    path = save_single_file(toy_sdxl, str(tmp_path / "xl.safetensors")) if form == "single_file" \
+        else save_diffusers_folder(toy_sdxl, str(tmp_path / "xl"))
+    reads, real_read = [], model_loading.read_state_dict
+
+    def watched(*args, **kwargs):
+        tensors, metadata = real_read(*args, **kwargs)
+        reads.append({k for k, v in tensors.items() if not v.is_meta})
+        return tensors, metadata
+
+    monkeypatch.setattr(model_loading, "read_state_dict", watched)
+    loaded = model_loading.load_sd_components(path, tokenizer_dir=toy_tokenizer_dir, text_first=True)
+    assert loaded.__dict__["_unet"] is None and loaded.__dict__["_vae"] is None
+    assert loaded.text_encoder is not None and loaded.text_encoder_2 is not None
+    swapped = []
+    loaded.swap_vae(lambda vae: swapped.append(vae) or vae)
+    assert swapped == [] and loaded.__dict__["_vae"] is None
+    if form == "single_file":
+        assert len(reads) == 1 and reads[0] and all(k.startswith("conditioner.") for k in reads[0])
+    unet = loaded.unet  # reads the rest
+    assert swapped == [loaded.vae] and unet is loaded.unet
+    if form == "single_file":
+        assert len(reads) == 2 and reads[1] and all(k.startswith(("model.", "first_stage_model.")) for k in reads[1])
+    _same_model(toy_sdxl, loaded)
+
+
+def test_a_text_first_load_checks_the_unet_layout_before_reading_it(toy_sdxl, toy_tokenizer_dir, tmp_path):
+    """A file whose UNet does not fit fails at once, not after the captions were encoded: the shapes are checked."""
+    from trainers.core.safetensors_file import write
+    from trainers.families.ldm_keys import diffusers_to_ldm
+    from trainers.families.load_errors import ModelLoadError
+    from trainers.families.model_loading import load_sd_components
+
+    sd = diffusers_to_ldm(toy_sdxl)
+    key = next(k for k in sd if k.startswith("model.diffusion_model.") and k.endswith("emb_layers.1.bias"))
+    sd[key] = torch.zeros(sd[key].shape[0] + 1)
+    path = str(tmp_path / "bad.safetensors")
+    write(path, sd)
+    with pytest.raises(ModelLoadError, match="UNet") as full:
+        load_sd_components(path, tokenizer_dir=toy_tokenizer_dir)
+    with pytest.raises(ModelLoadError) as text_first:
+        load_sd_components(path, tokenizer_dir=toy_tokenizer_dir, text_first=True)
+    assert str(text_first.value) == str(full.value)
+
+
 def test_a_diffusers_sdxl_folder_loads(toy_sdxl, tmp_path):
     from trainers.families.model_loading import load_sd_components
     from trainers.testing.toy_models import save_diffusers_folder

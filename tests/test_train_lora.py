@@ -266,6 +266,40 @@ def test_optimizer_fallbacks_and_schedules(env, fresh, caplog):
     assert len(result.log) == 2
 
 
+def test_a_run_loads_its_base_text_first_and_reads_the_unet_after_the_captions(
+        env, toy_checkpoint, toy_tokenizer_dir, monkeypatch):
+    """A run that loads its own base reads the text encoders, caches the captions (then frees the encoders), and
+    only then reads the UNet and VAE: the encoders and the UNet are never in memory together. Same LoRA as a run
+    handed the fully loaded model."""
+    import shutil
+
+    from trainers.data import caches
+    from trainers.families import model_loading
+
+    models = env["root"] / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    shutil.copy(toy_checkpoint, models / "checkpoints" / "toy.safetensors")
+    shutil.copytree(toy_tokenizer_dir, models / "clip" / "tokenizer")
+    events, real_load, real_captions = [], model_loading._load_file, caches.CaptionCache.build
+
+    def watched_load(path, tokenizer_dir, dtype, keep=None):
+        comps = real_load(path, tokenizer_dir, dtype, keep)
+        events.append("read " + "+".join(name for name in ("text_encoder", "unet", "vae")
+                                         if getattr(comps, name) is not None))
+        return comps
+
+    monkeypatch.setattr(model_loading, "_load_file", watched_load)
+    monkeypatch.setattr(caches.CaptionCache, "build", lambda *a, **kw: events.append("captions") or real_captions(
+        *a, **kw))
+    train(cfg_for(env, base_model="toy.safetensors", steps=2, output_name="text_first"))
+    assert events == ["read text_encoder", "captions", "read unet+vae"]
+
+    full = model_loading.load_sd_components(str(models / "checkpoints" / "toy.safetensors"))
+    train(cfg_for(env, steps=2, output_name="full"), components=full)
+    text_first, whole = (load_file(str(env["loras"] / f"{n}.safetensors")) for n in ("text_first", "full"))
+    assert text_first.keys() == whole.keys() and all(torch.equal(text_first[k], whole[k]) for k in whole)
+
+
 @pytest.mark.parametrize("method", ["lora", "dreambooth"])
 def test_a_run_that_loaded_its_base_frees_the_frozen_models_once_cached(env, fresh, monkeypatch, method):
     """Without validation images, a LoRA run frees the VAE and the frozen text encoders after caching their outputs

@@ -70,8 +70,9 @@ def _check_entry(name: str, entry) -> None:
         raise ValueError(f"tensor '{name}' has {end - start} bytes for shape {shape} of {entry['dtype']}")
 
 
-def read(path: str, keep=None, dtype: torch.dtype | None = None) -> tuple[dict, dict]:
-    """(tensors, metadata) of a safetensors file; `keep(name)` selects tensors (the others are not read).
+def read(path: str, keep=None, dtype: torch.dtype | None = None, rest_as_meta: bool = False) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file; `keep(name)` selects tensors (the others are not read, and with
+    `rest_as_meta` come back as meta tensors: their shape and dtype, no memory).
 
     dtype: floating-point tensors come back in it, each read through one reused buffer and converted into its
     own memory. Reading every tensor in the file's dtype and converting afterwards frees thousands of small
@@ -81,9 +82,12 @@ def read(path: str, keep=None, dtype: torch.dtype | None = None) -> tuple[dict, 
         total = f.seek(0, 2)
         tensors, staging = {}, None
         for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if keep is not None and not keep(name):
-                continue
             stored = DTYPES[entry["dtype"]]
+            if keep is not None and not keep(name):
+                if rest_as_meta:
+                    meta_dtype = dtype if dtype is not None and stored.is_floating_point else stored
+                    tensors[name] = torch.empty(entry["shape"], dtype=meta_dtype, device="meta")
+                continue
             if dtype is None or stored == dtype or not stored.is_floating_point:
                 tensors[name] = _read_tensor(f, base, entry, total, name)
                 continue

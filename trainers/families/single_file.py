@@ -56,7 +56,10 @@ def _strip(sd: dict, prefix: str) -> dict:
 def _instantiate(build, state_dict: dict, dtype, what: str, path: str):
     """Build a model without allocating random weights, then take the file's tensors, strictly. `state_dict` is
     handed over: it is emptied as its tensors are converted, so a file's fp16 tensors and their fp32 copies are
-    never all held at once (the caller keeps no other reference to them)."""
+    never all held at once (the caller keeps no other reference to them).
+
+    Tensors read as shapes only (meta, see read_state_dict) are checked just as strictly, and then no model is
+    returned (None): a text-first load (model_loading) checks the UNet and VAE it reads later."""
     from accelerate import init_empty_weights
 
     try:
@@ -70,6 +73,7 @@ def _instantiate(build, state_dict: dict, dtype, what: str, path: str):
     missing, unknown = sorted(expected - set(matched)), sorted(set(matched) - expected)
     if missing or unknown:
         raise ModelLoadError(f"'{path}': {ldm_keys.mismatch_message(what, missing, unknown)}")
+    shapes_only = any(value.is_meta for value in matched.values())
     # No copy where the dtype is already right: checkpoint_file reads each tensor into its own fresh, aligned
     # memory (a tensor left in a mapped file could sit at an unaligned address, which changes results in the
     # last bits). Each source tensor is dropped as soon as it is converted.
@@ -85,6 +89,8 @@ def _instantiate(build, state_dict: dict, dtype, what: str, path: str):
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
         raise ModelLoadError(f"'{path}': the {what} weights do not fit the inferred model: {e}") from e
+    if shapes_only:
+        return None
     for buffer in model.buffers():  # (model.to() would make diffusers warn about fp32 modules)
         if buffer.is_floating_point():
             buffer.data = buffer.data.to(dtype)
