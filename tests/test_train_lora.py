@@ -41,6 +41,18 @@ def cfg_for(env, **kw):
     return TrainConfig(**base)
 
 
+def checkpoint_in_models(env, checkpoint, tokenizer_dir) -> str:
+    """The toy checkpoint in models/checkpoints, with a tokenizer in models/clip, as a user has them: a run then
+    loads its base itself. Returns the name to train on."""
+    import shutil
+
+    models = env["root"] / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpoint, models / "checkpoints" / "toy.safetensors")
+    shutil.copytree(tokenizer_dir, models / "clip" / "tokenizer")
+    return "toy.safetensors"
+
+
 def fixed_latents(comps, photos):
     items = scan_folder(photos, trigger_word="sks")
     cache = LatentCache.build(items, comps.vae, 64)
@@ -271,15 +283,10 @@ def test_a_run_loads_its_base_text_first_and_reads_the_unet_after_the_captions(
     """A run that loads its own base reads the text encoders, caches the captions (then frees the encoders), and
     only then reads the UNet and VAE: the encoders and the UNet are never in memory together. Same LoRA as a run
     handed the fully loaded model."""
-    import shutil
-
     from trainers.data import caches
     from trainers.families import model_loading
 
-    models = env["root"] / "models"
-    (models / "checkpoints").mkdir(parents=True)
-    shutil.copy(toy_checkpoint, models / "checkpoints" / "toy.safetensors")
-    shutil.copytree(toy_tokenizer_dir, models / "clip" / "tokenizer")
+    base = checkpoint_in_models(env, toy_checkpoint, toy_tokenizer_dir)
     events, real_load, real_captions = [], model_loading._load_file, caches.CaptionCache.build
 
     def watched_load(path, tokenizer_dir, dtype, keep=None):
@@ -291,10 +298,10 @@ def test_a_run_loads_its_base_text_first_and_reads_the_unet_after_the_captions(
     monkeypatch.setattr(model_loading, "_load_file", watched_load)
     monkeypatch.setattr(caches.CaptionCache, "build", lambda *a, **kw: events.append("captions") or real_captions(
         *a, **kw))
-    train(cfg_for(env, base_model="toy.safetensors", steps=2, output_name="text_first"))
+    train(cfg_for(env, base_model=base, steps=2, output_name="text_first"))
     assert events == ["read text_encoder", "captions", "read unet+vae"]
 
-    full = model_loading.load_sd_components(str(models / "checkpoints" / "toy.safetensors"))
+    full = model_loading.load_sd_components(str(env["root"] / "models" / "checkpoints" / base))
     train(cfg_for(env, steps=2, output_name="full"), components=full)
     text_first, whole = (load_file(str(env["loras"] / f"{n}.safetensors")) for n in ("text_first", "full"))
     assert text_first.keys() == whole.keys() and all(torch.equal(text_first[k], whole[k]) for k in whole)

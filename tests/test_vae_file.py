@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_train_lora import cfg_for, env, fresh  # noqa: F401 (fixtures)
+from test_train_lora import cfg_for, checkpoint_in_models, env, fresh  # noqa: F401 (fixtures)
 from trainers.core.safetensors_file import write
 from trainers.data import caches
 from trainers.families.ldm_keys import VAE_PREFIX, diffusers_to_ldm
@@ -45,7 +45,10 @@ def test_a_file_that_is_not_a_vae_is_refused(toy_sd1, tmp_path):
         load_vae_file(path, toy_sd1.vae)
 
 
-def test_training_encodes_with_the_chosen_vae(env, fresh, toy_sd1, monkeypatch):
+@pytest.mark.parametrize("base", ["in_memory", "file"])
+def test_training_encodes_with_the_chosen_vae(env, fresh, toy_sd1, toy_checkpoint, toy_tokenizer_dir, monkeypatch,
+                                              base):
+    """Also when the run loads its base text-first: the chosen VAE replaces the base's once that is read."""
     vae = other_vae(toy_sd1)
     (env["root"] / "models" / "vae").mkdir(parents=True)
     write(str(env["root"] / "models" / "vae" / "fixed.safetensors"), vae.state_dict())
@@ -53,9 +56,17 @@ def test_training_encodes_with_the_chosen_vae(env, fresh, toy_sd1, monkeypatch):
     real = caches.LatentCache.build
 
     def spy(items, vae_model, *args, **kwargs):
-        used.append(vae_model)
+        used.append(same(vae_model, vae))  # (a run that loaded its base frees the VAE after this)
         return real(items, vae_model, *args, **kwargs)
 
     monkeypatch.setattr(caches.LatentCache, "build", spy)
-    train(cfg_for(env, steps=1, vae="fixed.safetensors"), components=fresh())
-    assert used and same(used[0], vae)
+    model = checkpoint_in_models(env, toy_checkpoint, toy_tokenizer_dir) if base == "file" else "toy"
+
+    def run(**kw):
+        return train(cfg_for(env, steps=1, base_model=model, **kw), components=None if base == "file" else fresh())
+
+    run(vae="fixed.safetensors")
+    assert used == [True]
+    monkeypatch.setattr(caches.CaptionCache, "build", lambda *a, **kw: pytest.fail("captions encoded"))
+    with pytest.raises(FileNotFoundError, match="models.vae"):  # named before anything is encoded
+        run(vae="missing.safetensors", output_name="no_vae")

@@ -73,7 +73,8 @@ def train(cfg: TrainConfig, components=None, progress=None) -> TrainResult:
     if checkpoints:
         cfg = _resumed_config(cfg, run, accelerator)
     if cfg.vae:
-        comps.swap_vae(lambda base_vae: _load_vae(cfg.vae, base_vae))
+        vae_file = _vae_file(cfg.vae)  # a missing file is named now, not after the captions are encoded
+        comps.swap_vae(lambda base_vae: _load_vae(vae_file, base_vae))
     _log_main(accelerator, "run %s on %s (%d process(es))%s", run.path, device, accelerator.num_processes,
               ", resuming it" if checkpoints else "")
 
@@ -347,11 +348,14 @@ def _load_base(cfg: TrainConfig):
     return load_sd_components(path, text_first=True)
 
 
-def _load_vae(name: str, like):
+def _vae_file(name: str) -> str:
+    local = not path_policy.server_rules()  # as for the base model: a full path only from the command line
+    return name if local and os.path.isfile(name) else host.resolve_model("vae", name, allow_absolute=local)
+
+
+def _load_vae(path: str, like):
     from ..families.vae_file import load_vae_file
 
-    local = not path_policy.server_rules()  # as for the base model: a full path only from the command line
-    path = name if local and os.path.isfile(name) else host.resolve_model("vae", name, allow_absolute=local)
     log.info("encoding with the VAE %s", path)
     return load_vae_file(path, like)
 
