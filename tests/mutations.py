@@ -142,7 +142,8 @@ MUTATIONS = [
              "        kept = diffusers_to_ldm(comps, parts=untrained)\n",
              ("tests/test_dreambooth.py::test_checkpoint_keeps_untrained_tensors_bit_exact_and_reloads",)),
     Mutation("dreambooth_text_encoder_never_trained", "trainers/methods/dreambooth.py",
-             "            if self.cfg.train_text_encoder:\n", "            if False:\n",
+             "        trained = chosen_text_encoders(self.cfg, comps)\n        for encoder in comps.text_encoders:\n",
+             "        trained = []\n        for encoder in comps.text_encoders:\n",
              ("tests/test_dreambooth.py::test_checkpoint_keeps_untrained_tensors_bit_exact_and_reloads",)),
     Mutation("stopped_run_leaves_empty_folder", "trainers/training/loop.py",
              "                os.rmdir(run.path)  # only ever removes an empty folder\n", "                pass\n",
@@ -437,6 +438,7 @@ MUTATIONS += [
              "        comps.swap_vae(lambda base_vae: _load_vae(vae_file, base_vae))\n", "        pass\n",
              ("tests/test_vae_file.py::test_training_encodes_with_the_chosen_vae",)),
     Mutation("vae_file_resolved_after_captions", "trainers/training/loop.py",
+             "        vae_file = _vae_file(cfg.vae)  # a missing file is named now, not after the captions are encoded\n"
              "        comps.swap_vae(lambda base_vae: _load_vae(vae_file, base_vae))\n",
              "        comps.swap_vae(lambda base_vae: _load_vae(_vae_file(cfg.vae), base_vae))\n",
              ("tests/test_vae_file.py::test_training_encodes_with_the_chosen_vae",)),
