@@ -482,6 +482,24 @@ def toy_sdxl_checkpoint(comfy, tmp_path_factory) -> str:
     return path
 
 
+def test_a_vae_picked_on_the_trainer_encodes_the_photos(comfy, photos, tmp_path):
+    """vae_name from models/vae: the trainer reads its base text-first and swaps this VAE in once the base's own is
+    read; the run records it."""
+    from trainers.core.safetensors_file import write
+    from trainers.families.ldm_keys import diffusers_to_ldm
+    from trainers.testing.toy_models import build_sd1
+
+    path = str(tmp_path / "it_vae.safetensors")
+    write(path, diffusers_to_ldm(build_sd1("comfy", seed=7), parts=("vae",)))
+    comfy.add_model("vae", path)
+    entry, log, _ = run_prompt(comfy, {"1": {"class_type": TRAIN, "inputs": train_inputs(
+        photos, "it_vae", steps=1, vae_name="it_vae.safetensors")}})
+    assert_success(entry, log)
+    assert "encoding with the VAE" in log and "it_vae.safetensors" in log, log[-3000:]
+    with open(os.path.join(comfy.run_folder("it_vae"), "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["vae"] == "it_vae.safetensors"
+
+
 @pytest.fixture(scope="module")
 def sdxl_lora(comfy, photos, toy_sdxl_checkpoint) -> dict:
     """An SDXL LoRA trained through POST /prompt, kohya preset, both text encoders, and sampled through it."""
