@@ -56,7 +56,7 @@ def load_diffusers_folder(path, tokenizer_dir, dtype, text_first: bool = False) 
                               "sha256": file_sha256(weights) if weights else ""})
 
 
-def _load_unet_vae(path: str, dtype, sdxl: bool = False) -> tuple:
+def _load_unet_vae(path: str, dtype, sdxl: bool) -> tuple:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     try:
