@@ -82,12 +82,11 @@ def read(path: str, keep=None, dtype: torch.dtype | None = None, rest_as_meta: b
         total = f.seek(0, 2)
         tensors, staging = {}, None
         for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            stored = DTYPES[entry["dtype"]]
             if keep is not None and not keep(name):
                 if rest_as_meta:
-                    meta_dtype = dtype if dtype is not None and stored.is_floating_point else stored
-                    tensors[name] = torch.empty(entry["shape"], dtype=meta_dtype, device="meta")
+                    tensors[name] = meta_tensor(entry, dtype)
                 continue
+            stored = DTYPES[entry["dtype"]]
             if dtype is None or stored == dtype or not stored.is_floating_point:
                 tensors[name] = _read_tensor(f, base, entry, total, name)
                 continue
@@ -97,6 +96,14 @@ def read(path: str, keep=None, dtype: torch.dtype | None = None, rest_as_meta: b
             raw = _read_tensor(f, base, entry, total, name, into=staging[:size])
             tensors[name] = torch.empty(entry["shape"], dtype=dtype).copy_(raw)
     return tensors, metadata
+
+
+def meta_tensor(entry: dict, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A header entry as a meta tensor: its shape and dtype (a floating-point one in `dtype` when given), no data.
+    Config inference and strict state-dict loading read it as they read the tensor."""
+    stored = DTYPES[entry["dtype"]]
+    return torch.empty(entry["shape"], dtype=dtype if dtype is not None and stored.is_floating_point else stored,
+                       device="meta")
 
 
 def pending(path: str, keep=None) -> dict[str, Pending]:

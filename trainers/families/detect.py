@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 
 from .config_inference import check_family
 from .load_errors import ModelLoadError
@@ -33,6 +32,8 @@ def family_of(path: str) -> str:
 
 
 def header_shapes(entries: dict) -> dict:
-    """A safetensors header's entries as stand-ins for its tensors: what check_family and the config inference
-    read of a tensor (`shape`, `ndim`) without reading the tensor."""
-    return {k: SimpleNamespace(shape=tuple(e["shape"]), ndim=len(e["shape"])) for k, e in entries.items()}
+    """A safetensors header's entries as meta tensors: what check_family and the config inference read of a
+    tensor, without reading it."""
+    from ..core.safetensors_file import meta_tensor
+
+    return {k: meta_tensor(e) for k, e in entries.items()}
